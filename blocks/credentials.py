@@ -1,0 +1,62 @@
+"""Provider API keys: a Prefect Secret block wins, the SDK's own environment variable is the fallback.
+
+Block names: `anthropic-api-key`, `openai-api-key` (create them with `python -m blocks.register`).
+Keys stay `SecretStr` until the SDK client is built; they are never logged or returned.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefect.blocks.system import Secret
+from pydantic import SecretStr
+
+from factory.errors import ConfigurationError
+from factory.providers import DRY_RUN_MODEL
+
+SECRET_BLOCKS = {"anthropic": "anthropic-api-key", "openai": "openai-api-key", "openai-compatible": "openai-api-key"}
+ENV_KEYS = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY", "openai-compatible": "OPENAI_API_KEY"}
+
+_cache: dict[str, SecretStr | None] = {}
+
+
+async def api_key_for(provider: str) -> SecretStr | None:
+    """The key for `provider` from its Secret block, else from the environment, else None.
+
+    Looked up once per process: a worker running many jobs asks the API once.
+    """
+    if provider == DRY_RUN_MODEL:
+        return None
+    if provider not in _cache:
+        _cache[provider] = await _from_block(SECRET_BLOCKS[provider]) or _from_env(ENV_KEYS[provider])
+    return _cache[provider]
+
+
+async def _from_block(name: str) -> SecretStr | None:
+    try:
+        block = await Secret.aload(name)
+    except ValueError:  # no such block document
+        return None
+    value = block.get()
+    return SecretStr(value) if isinstance(value, str) and value else None
+
+
+def _from_env(variable: str) -> SecretStr | None:
+    value = os.environ.get(variable)
+    return SecretStr(value) if value else None
+
+
+async def require_api_key(provider: str, field: str) -> None:
+    """Fail before any money is spent when a provider that needs a key has none.
+
+    Raises:
+        ConfigurationError: naming the parameter whose model needs the key.
+    """
+    if provider in (DRY_RUN_MODEL, "openai-compatible"):
+        return  # local OpenAI-compatible servers commonly take no key
+    if await api_key_for(provider) is None:
+        raise ConfigurationError(
+            field,
+            f"no API key for {provider}: set {ENV_KEYS[provider]} where the worker runs, create the Secret "
+            f"block '{SECRET_BLOCKS[provider]}' (python -m blocks.register), or use model '{DRY_RUN_MODEL}'.",
+        )

@@ -1,0 +1,203 @@
+"""The public contract of a Factory job: inputs, verdicts, per-call usage and the result.
+
+Names, bounds and defaults follow the reference JobInput/JobResult (see DESIGN.md). The
+flow's parameters use the same annotated types, so Prefect's parameter schema and this
+model refuse the same inputs with the same field names.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_SEED_CHARS = 50_000
+MAX_OBJECTIVE_CHARS = 5_000
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FunctionType(StrEnum):
+    TEXT_GENERATION = "TEXT_GENERATION"
+    IMAGE_GENERATION = "IMAGE_GENERATION"
+    AUDIO_GENERATION = "AUDIO_GENERATION"
+    VIDEO_GENERATION = "VIDEO_GENERATION"
+    CODE_GENERATION = "CODE_GENERATION"
+    DOCUMENT_GENERATION = "DOCUMENT_GENERATION"
+    MULTIMODAL = "MULTIMODAL"
+
+
+TEXT_FUNCTIONS = frozenset(
+    {FunctionType.TEXT_GENERATION, FunctionType.CODE_GENERATION, FunctionType.DOCUMENT_GENERATION,
+     FunctionType.MULTIMODAL}
+)
+
+
+class JobStatus(StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    CONVERGED = "CONVERGED"
+    EXHAUSTED = "EXHAUSTED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+
+class StopReason(StrEnum):
+    CONFORMITY = "CONFORMITY"
+    MAX_CYCLES = "MAX_CYCLES"
+    BUDGET = "BUDGET"
+    TIMEOUT = "TIMEOUT"
+    ERROR = "ERROR"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def status(self) -> JobStatus:
+        return {
+            StopReason.CONFORMITY: JobStatus.CONVERGED,
+            StopReason.ERROR: JobStatus.FAILED,
+            StopReason.CANCELLED: JobStatus.CANCELLED,
+        }.get(self, JobStatus.EXHAUSTED)
+
+
+class Event(StrEnum):
+    JOB_CREATED = "JOB_CREATED"
+    JOB_STARTED = "JOB_STARTED"
+    ITERATION_START = "ITERATION_START"
+    EXECUTOR_CALL = "EXECUTOR_CALL"
+    EXECUTOR_RESPONSE = "EXECUTOR_RESPONSE"
+    EVALUATOR_CALL = "EVALUATOR_CALL"
+    EVALUATOR_RESPONSE = "EVALUATOR_RESPONSE"
+    ITERATION_END = "ITERATION_END"
+    JOB_CONVERGED = "JOB_CONVERGED"
+    JOB_MAX_ITERATIONS = "JOB_MAX_ITERATIONS"
+    JOB_BUDGET_EXHAUSTED = "JOB_BUDGET_EXHAUSTED"
+    JOB_ERROR = "JOB_ERROR"
+    JOB_COMPLETED = "JOB_COMPLETED"
+
+
+# Parameter types shared by JobInput and the flow signature.
+Seed = Annotated[str, Field(min_length=1, max_length=MAX_SEED_CHARS, description="The instruction for the executor.")]
+Objective = Annotated[
+    str, Field(min_length=1, max_length=MAX_OBJECTIVE_CHARS, description="What 'done' means, for the evaluator.")
+]
+JobId = Annotated[
+    str | None,
+    Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="Names the job; re-running with the same id reuses every finished call. Default: the flow run id.",
+    ),
+]
+Ref = Annotated[str, Field(min_length=1, max_length=2048)]
+ModelName = Annotated[
+    str | None,
+    Field(min_length=1, max_length=200, description="Default: FACTORY_DEFAULT_*_MODEL."),
+]
+
+
+class Limits(StrictModel):
+    """When to stop if the evaluator is never satisfied."""
+
+    max_cycles: int = Field(default=10, ge=1, le=50, description="Iterations at most.")
+    budget_usd: float = Field(default=10.0, ge=0.1, le=100.0, description="Hard ceiling on spend, in USD.")
+    timeout_minutes: int = Field(default=60, ge=1, le=480, description="Wall-clock deadline for the whole job.")
+    min_confidence: float = Field(
+        default=0.8, ge=0.5, le=1.0, description="Evaluator confidence needed, with `converged`, to stop."
+    )
+
+
+class JobInput(StrictModel):
+    seed: Seed
+    objective: Objective
+    function: FunctionType = FunctionType.TEXT_GENERATION
+    job_id: str = Field(default_factory=lambda: str(uuid.uuid4()), pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    input_refs: list[Ref] = Field(default_factory=list, max_length=20)
+    output_ref: Ref | None = None
+    log_ref: Ref | None = None
+    limits: Limits = Field(default_factory=Limits)
+    executor_model: ModelName = None
+    evaluator_model: ModelName = None
+
+
+class Usage(StrictModel):
+    """Tokens one call was billed for, split the way prices are."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_5m_tokens: int = 0
+    cache_write_1h_tokens: int = 0
+
+    @property
+    def total(self) -> int:
+        return (self.input_tokens + self.output_tokens + self.cache_read_tokens
+                + self.cache_write_5m_tokens + self.cache_write_1h_tokens)
+
+
+class CallRecord(StrictModel):
+    """One billed provider call."""
+
+    role: str
+    model: str
+    usage: Usage
+    cost_usd: Decimal
+    duration_ms: int
+
+
+class Verdict(StrictModel):
+    converged: bool
+    confidence: float = Field(ge=0.0, le=1.0)
+    strengths: list[str] = Field(default_factory=list)
+    weaknesses: list[str] = Field(default_factory=list)
+    feedback_for_executor: str = ""
+    evaluator_model: str = ""
+    cost_usd: float = 0.0
+    parse_error: str | None = Field(default=None, description="Set when the evaluator's reply could not be read.")
+
+
+class IterationOutput(StrictModel):
+    artifact_ref: str
+    artifact_hash: str
+    executor_model: str
+    cost_usd: float
+    tokens_used: int
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class IterationDetail(StrictModel):
+    iteration: int
+    duration_ms: int
+    converged: bool
+    confidence: float
+    cost_usd: float
+    artifact_ref: str
+
+
+class JobResult(StrictModel):
+    job_id: str
+    status: JobStatus
+    stop_reason: StopReason
+    converged: bool
+    final_artifact_ref: str | None
+    last_functional_iteration: int | None
+    total_iterations: int
+    total_cost_usd: float
+    total_duration_ms: int
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    executor_model_used: str
+    evaluator_model_used: str
+    iterations_detail: list[IterationDetail] = Field(default_factory=list)
+    log_ref: str | None = None
+    error: str | None = None
+    dry_run: bool = Field(default=False, description="True when no model ran: every artifact is a placeholder.")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)

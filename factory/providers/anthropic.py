@@ -1,0 +1,70 @@
+"""Anthropic Messages API through the official async SDK (`ANTHROPIC_BASE_URL` is honoured)."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import pydantic
+from pydantic import SecretStr
+
+from factory.models import Usage
+from factory.providers.base import ChatReply, ChatRequest, Provider, translate_sdk_error
+
+# Models that answer 400 to a forced `tool_choice` ("tool" or "any"): they get the tool with
+# `auto` and an instruction to call it; a reply without the call goes to the repair path.
+NO_FORCED_TOOL_CHOICE = frozenset({"claude-sonnet-5-5", "claude-fable-5-1", "claude-mythos-5-1"})
+
+
+class AnthropicProvider(Provider):
+    name = "anthropic"
+
+    def __init__(self, api_key: SecretStr | None = None) -> None:
+        self._api_key = api_key
+
+    async def complete(self, request: ChatRequest, *, timeout_s: float) -> ChatReply:
+        kwargs: dict = {
+            "model": request.model,
+            "max_tokens": request.max_tokens,
+            "system": request.system,
+            "messages": [m.model_dump() for m in request.messages],
+        }
+        if request.response_schema is not None:
+            kwargs["tools"] = [{
+                "name": request.schema_name,
+                "description": request.schema_description,
+                "input_schema": request.response_schema,
+            }]
+            forced = request.model not in NO_FORCED_TOOL_CHOICE
+            kwargs["tool_choice"] = {"type": "tool", "name": request.schema_name} if forced else {"type": "auto"}
+        key = self._api_key.get_secret_value() if self._api_key else None
+        try:
+            async with anthropic.AsyncAnthropic(api_key=key, max_retries=0, timeout=timeout_s) as client:
+                message = await client.messages.create(**kwargs)
+        except (anthropic.AnthropicError, json.JSONDecodeError, pydantic.ValidationError) as exc:
+            raise translate_sdk_error(exc, request.model, anthropic) from exc
+        return _reply(message, request)
+
+
+def _reply(message: anthropic.types.Message, request: ChatRequest) -> ChatReply:
+    text = "".join(block.text for block in message.content if block.type == "text")
+    structured = next(
+        (block.input for block in message.content
+         if block.type == "tool_use" and block.name == request.schema_name and isinstance(block.input, dict)),
+        None,
+    )
+    return ChatReply(text=text, structured=structured, usage=_usage(message.usage), model=message.model,
+                     stop_reason=message.stop_reason)
+
+
+def _usage(usage: anthropic.types.Usage) -> Usage:
+    created = usage.cache_creation_input_tokens or 0
+    split = getattr(usage, "cache_creation", None)
+    write_1h = (getattr(split, "ephemeral_1h_input_tokens", 0) or 0) if split else 0
+    return Usage(
+        input_tokens=usage.input_tokens or 0,
+        output_tokens=usage.output_tokens or 0,
+        cache_read_tokens=usage.cache_read_input_tokens or 0,
+        cache_write_5m_tokens=created - write_1h,
+        cache_write_1h_tokens=write_1h,
+    )

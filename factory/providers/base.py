@@ -1,0 +1,115 @@
+"""The one small interface every model provider implements, and the SDK error boundary.
+
+A provider turns a `ChatRequest` into a `ChatReply` carrying the tokens it was billed for.
+SDK clients are built with `max_retries=0`: retrying is the Prefect task's job (see
+`tasks/retry.py`), so a fault is retried by exactly one layer.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from types import ModuleType
+from typing import Any, Literal
+
+import httpx
+import pydantic
+from pydantic import Field
+
+from factory.errors import (
+    ProviderAuthError,
+    ProviderError,
+    ProviderRequestError,
+    TransientProviderError,
+)
+from factory.models import StrictModel, Usage
+
+# Framing a provider adds around each message and the request (roles, separators): counted generously.
+MESSAGE_OVERHEAD_TOKENS = 16
+REQUEST_OVERHEAD_TOKENS = 128
+
+
+class Message(StrictModel):
+    role: Literal["user", "assistant"]
+    content: str
+
+
+class ChatRequest(StrictModel):
+    """What to ask a model. Everything here changes the answer, so all of it is in the cache key."""
+
+    model: str
+    system: str
+    messages: list[Message]
+    max_tokens: int = Field(ge=1)
+    response_schema: dict[str, Any] | None = None
+    schema_name: str = "submit_verdict"
+    schema_description: str = ""
+
+    def input_token_bound(self) -> int:
+        """An over-estimate of the input tokens: a token never covers less than one UTF-8 byte."""
+        texts = [self.system, *(m.content for m in self.messages)]
+        if self.response_schema is not None:
+            texts.append(json.dumps(self.response_schema) + self.schema_name + self.schema_description)
+        return (sum(len(t.encode()) for t in texts) + MESSAGE_OVERHEAD_TOKENS * len(self.messages)
+                + REQUEST_OVERHEAD_TOKENS)
+
+
+class ChatReply(StrictModel):
+    text: str
+    structured: dict[str, Any] | None = None
+    usage: Usage
+    model: str
+    stop_reason: str | None = None
+
+
+class Provider(ABC):
+    """A model provider: one async call, typed in and out."""
+
+    name: str
+
+    @abstractmethod
+    async def complete(self, request: ChatRequest, *, timeout_s: float) -> ChatReply:
+        """Run one call.
+
+        Raises:
+            TransientProviderError: worth retrying.
+            ProviderAuthError, ProviderRequestError: not worth retrying.
+        """
+
+
+def _retry_after(response: httpx.Response | None) -> float | None:
+    if response is None:
+        return None
+    for header, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = response.headers.get(header)
+        if value:
+            try:
+                return max(0.0, float(value) / scale)
+            except ValueError:
+                continue
+    return None
+
+
+def translate_sdk_error(exc: Exception, model: str, sdk: ModuleType) -> ProviderError:
+    """Map an anthropic/openai SDK exception (same Stainless hierarchy) to our own classes."""
+    if isinstance(exc, sdk.APITimeoutError):
+        return TransientProviderError(model, "the call timed out")
+    if isinstance(exc, sdk.APIConnectionError):
+        return TransientProviderError(model, f"connection failed: {exc}")
+    if isinstance(exc, sdk.APIResponseValidationError | json.JSONDecodeError | pydantic.ValidationError):
+        return TransientProviderError(model, "the provider's reply was malformed")
+    if isinstance(exc, sdk.APIStatusError):
+        status, body_code = exc.status_code, getattr(exc, "code", None)
+        if status in (401, 403):
+            return ProviderAuthError(model, f"the API key was refused (HTTP {status}). Check the key for this provider.")
+        if status == 429 and body_code == "insufficient_quota":
+            return ProviderRequestError(model, "the account has no quota left (HTTP 429 insufficient_quota).")
+        if status in (408, 409, 429) or status >= 500:
+            return TransientProviderError(model, f"HTTP {status}: {_short(exc)}", _retry_after(exc.response))
+        return ProviderRequestError(model, f"the request was rejected (HTTP {status}): {_short(exc)}")
+    raise exc
+
+
+def _short(exc: Exception, limit: int = 300) -> str:
+    text = getattr(exc, "message", None) or str(exc)
+    return text if len(text) <= limit else text[:limit] + "..."

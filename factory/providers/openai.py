@@ -1,0 +1,71 @@
+"""OpenAI Chat Completions through the official async SDK, and any OpenAI-compatible server.
+
+`OPENAI_BASE_URL` points it at vLLM, Ollama, llama.cpp or a RunPod vLLM endpoint; such models
+are named with the `openai:` prefix (`openai:meta-llama/Llama-3.3-70B-Instruct`) and need a
+configured price.
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pydantic
+from pydantic import SecretStr
+
+from factory.models import Usage
+from factory.providers.base import ChatReply, ChatRequest, Provider, translate_sdk_error
+
+
+class OpenAIProvider(Provider):
+    name = "openai"
+
+    def __init__(self, api_key: SecretStr | None = None, *, compatible: bool = False) -> None:
+        self._api_key = api_key
+        # OpenAI's own models take `max_completion_tokens`; most compatible servers only `max_tokens`.
+        self._compatible = compatible
+
+    async def complete(self, request: ChatRequest, *, timeout_s: float) -> ChatReply:
+        messages = [{"role": "system", "content": request.system}, *(m.model_dump() for m in request.messages)]
+        kwargs: dict = {"model": request.model, "messages": messages}
+        kwargs["max_tokens" if self._compatible else "max_completion_tokens"] = request.max_tokens
+        if request.response_schema is not None:
+            kwargs["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": request.schema_name, "schema": request.response_schema, "strict": True},
+            }
+        key = self._api_key.get_secret_value() if self._api_key else None
+        if key is None and self._compatible:
+            key = "not-needed"  # local servers commonly take no key; the SDK insists on one
+        try:
+            async with openai.AsyncOpenAI(api_key=key, max_retries=0, timeout=timeout_s) as client:
+                completion = await client.chat.completions.create(**kwargs)
+        except (openai.OpenAIError, json.JSONDecodeError, pydantic.ValidationError) as exc:
+            raise translate_sdk_error(exc, request.model, openai) from exc
+        return _reply(completion, request)
+
+
+def _reply(completion, request: ChatRequest) -> ChatReply:
+    choice = completion.choices[0] if completion.choices else None
+    text = (choice.message.content or "") if choice else ""
+    structured = None
+    if request.response_schema is not None and text:
+        try:
+            parsed = json.loads(text)
+            structured = parsed if isinstance(parsed, dict) else None
+        except json.JSONDecodeError:
+            structured = None  # left to the verdict parser's repair path
+    return ChatReply(text=text, structured=structured, usage=_usage(completion.usage), model=completion.model,
+                     stop_reason=choice.finish_reason if choice else None)
+
+
+def _usage(usage) -> Usage:
+    if usage is None:
+        return Usage()
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = (getattr(details, "cached_tokens", 0) or 0) if details else 0
+    return Usage(
+        input_tokens=(usage.prompt_tokens or 0) - cached,
+        output_tokens=usage.completion_tokens or 0,
+        cache_read_tokens=cached,
+    )

@@ -1,0 +1,47 @@
+"""Process settings of the Factory, read from `FACTORY_*` environment variables.
+
+The SDKs keep their own variables (`ANTHROPIC_API_KEY`, `OPENAI_BASE_URL`, ...); this class
+holds only what is the Factory's own. Example::
+
+    FACTORY_STORAGE_ROOT=/srv/factory FACTORY_DEFAULT_EXECUTOR_MODEL=gpt-5.4 prefect worker start ...
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "claude-sonnet-5-5"
+
+
+class FactorySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACTORY_", extra="ignore")
+
+    storage_root: Path = Field(
+        default=Path("~/.factory/storage"),
+        description="Where local artifacts and logs live; local refs must stay inside it.",
+    )
+    default_executor_model: str = Field(default=DEFAULT_MODEL)
+    default_evaluator_model: str = Field(default=DEFAULT_MODEL)
+    prices_file: Path | None = Field(
+        default=None, description="A JSON file of extra or overriding prices, same shape as prices.json."
+    )
+    prices: str | None = Field(default=None, description="The same as `prices_file`, inline JSON.")
+    executor_max_tokens: int = Field(default=8192, ge=16, le=20000)
+    evaluator_max_tokens: int = Field(default=4096, ge=256, le=20000)
+    request_timeout_s: float = Field(default=600.0, gt=0, description="Upper bound on one provider call.")
+    retries: int = Field(default=4, ge=0, le=10, description="Task retries on transient provider faults.")
+    retry_delay_s: float = Field(default=2.0, ge=0, description="First retry delay; doubles each retry.")
+    retry_after_cap_s: float = Field(default=60.0, ge=0, description="Longest `retry-after` honoured.")
+
+    @property
+    def root(self) -> Path:
+        return self.storage_root.expanduser().resolve()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> FactorySettings:
+    return FactorySettings()

@@ -1,0 +1,43 @@
+"""State hooks of the `factory` flow: close the event log when Prefect cancels or a crash kills the run.
+
+They run where Prefect runs them (the worker, after the flow's process ended), so they rebuild
+the log's location from the run's parameters alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from factory.errors import FactoryError
+from factory.eventlog import EventLog
+from factory.models import Event, JobStatus, StopReason
+from factory.preflight import log_path_for
+from factory.settings import get_settings
+from factory.storage import LocalStorage
+
+
+async def _close_log(flow_run: Any, status: JobStatus, stop: StopReason | None, note: str) -> None:
+    params = flow_run.parameters or {}
+    job_id = params.get("job_id") or str(flow_run.id)
+    storage = LocalStorage(get_settings().root)
+    try:
+        path = log_path_for(job_id, params.get("log_ref"), storage)
+    except FactoryError:
+        return  # the run was refused before it had a log
+    if not path.exists():
+        return
+    log = await EventLog.open(storage, path, job_id)
+    if log.completed:
+        return
+    if stop is StopReason.ERROR:
+        await log.emit(Event.JOB_ERROR, stop_reason=stop.value, detail=note)
+    await log.emit(Event.JOB_COMPLETED, status=status.value, stop_reason=stop.value if stop else None, detail=note)
+
+
+async def record_cancellation(flow: Any, flow_run: Any, state: Any) -> None:
+    await _close_log(flow_run, JobStatus.CANCELLED, StopReason.CANCELLED, state.message or "cancelled through Prefect")
+
+
+async def record_crash(flow: Any, flow_run: Any, state: Any) -> None:
+    note = f"the flow run crashed: {state.message or 'no message'}; re-run with the same job_id to resume"
+    await _close_log(flow_run, JobStatus.FAILED, StopReason.ERROR, note)

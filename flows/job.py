@@ -1,0 +1,80 @@
+"""The `factory` flow: one Factory job as a Prefect flow run.
+
+Deployed as `factory/job` (see prefect.yaml) and run with::
+
+    prefect deployment run factory/job --params '{"seed": "...", "objective": "..."}' --watch
+
+Its parameters are the reference JobInput, flat; Prefect enforces their schema when a run is
+created. The flow returns the JobResult, persisted as the run's result and written beside the log.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+
+from prefect import flow, runtime
+from prefect.logging import get_run_logger
+
+from blocks.credentials import require_api_key
+from factory.eventlog import EventLog
+from factory.models import (Event, FunctionType, JobId, JobInput, JobResult, Limits, ModelName, Objective, Ref,
+                            Seed, utcnow)
+from factory.preflight import plan_job
+from factory.settings import get_settings
+from factory.storage import LocalStorage
+from flows.hooks import record_cancellation, record_crash
+from flows.loop import JobRun
+
+
+@flow(name="factory", persist_result=True, on_cancellation=[record_cancellation], on_crashed=[record_crash])
+async def factory(
+    seed: Seed,
+    objective: Objective,
+    function: FunctionType = FunctionType.TEXT_GENERATION,
+    job_id: JobId = None,
+    input_refs: list[Ref] = [],  # noqa: B006 - Prefect copies parameters; the flow never mutates them
+    output_ref: Ref | None = None,
+    log_ref: Ref | None = None,
+    limits: Limits = Limits(),  # noqa: B008 - immutable in practice: validated, never mutated
+    executor_model: ModelName = None,
+    evaluator_model: ModelName = None,
+) -> JobResult:
+    """Iterate executor -> evaluator until the artifact meets the objective or a limit is hit.
+
+    Args:
+        seed: the instruction for the executor.
+        objective: what "done" means, for the evaluator.
+        function: the kind of artifact.
+        job_id: names the job; a re-run with the same id reuses every finished call. Default: the flow run id.
+        input_refs: local files (under the storage root) given to the executor as reference material.
+        output_ref: where iteration artifacts go (a folder), or a file that also receives the final artifact.
+        log_ref: where the JSON event log goes. Default: `<root>/<job_id>/log.json`.
+        limits: max_cycles, budget_usd, timeout_minutes, min_confidence.
+        executor_model, evaluator_model: model names; `dry-run` needs no key.
+
+    Returns:
+        The JobResult.
+    """
+    created_at = utcnow()
+    settings = get_settings()
+    storage = LocalStorage(settings.root)
+    job = JobInput(
+        seed=seed, objective=objective, function=function, job_id=job_id or str(runtime.flow_run.id),
+        input_refs=input_refs, output_ref=output_ref, log_ref=log_ref, limits=limits,
+        executor_model=executor_model, evaluator_model=evaluator_model,
+    )
+    plan = await plan_job(job, settings, storage, date.today())
+    await require_api_key(plan.executor.provider, "executor_model")
+    await require_api_key(plan.evaluator.provider, "evaluator_model")
+    logger = get_run_logger()
+    for warning in plan.warnings:
+        logger.warning(warning)
+    log = await EventLog.open(storage, plan.log_path, job.job_id)
+    await log.emit(Event.JOB_CREATED, job_id=job.job_id, function=job.function.value,
+                   limits=job.limits.model_dump(), input_refs=job.input_refs)
+    logger.info("Job %s: executor %s, evaluator %s, budget $%.2f; log at %s", job.job_id, plan.executor.name,
+                plan.evaluator.name, job.limits.budget_usd, plan.log_path)
+    result = await JobRun(plan=plan, settings=settings, log=log, created_at=created_at).run()
+    logger.info("Job %s %s (%s) after %d iteration(s), $%.6f; result at %s", job.job_id, result.status.value,
+                result.stop_reason.value, result.total_iterations, result.total_cost_usd, plan.result_path)
+    return result

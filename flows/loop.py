@@ -1,0 +1,208 @@
+"""The Factory loop: generate -> store -> evaluate, until conformity or a limit.
+
+Each paid call is a cached, retryable Prefect task; the budget is checked against the call's
+worst case *before* it is made; the deadline bounds every call; the event log is written as
+the job goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from prefect.logging import get_run_logger
+
+from factory.artifacts import render
+from factory.budget import Budget
+from factory.errors import (BudgetExceeded, DeadlineExceeded, JobFailed, ProviderError, StorageError)
+from factory.eventlog import EventLog
+from factory.models import (CallRecord, Event, IterationDetail, JobResult, StopReason, Verdict, utcnow)
+from factory.preflight import JobPlan, ModelPlan
+from factory.prompts import (EVALUATOR_SYSTEM, EXECUTOR_SYSTEM, REPAIR_INSTRUCTION, VERDICT_SCHEMA,
+                             VERDICT_TOOL, VERDICT_TOOL_DESCRIPTION, evaluator_prompt, executor_prompt)
+from factory.providers import DRY_RUN_MODEL, ChatRequest, Message
+from factory.settings import FactorySettings
+from factory.storage import LocalStorage
+from factory.verdict import UnreadableVerdict, parse_verdict, unparseable_verdict
+from tasks.calls import CallResult
+from tasks.evaluate import evaluate_artifact
+from tasks.generate import generate_artifact
+from tasks.retry import retry_options
+from tasks.store import store_artifact
+
+STOP_EVENTS = {
+    StopReason.CONFORMITY: Event.JOB_CONVERGED,
+    StopReason.MAX_CYCLES: Event.JOB_MAX_ITERATIONS,
+    StopReason.BUDGET: Event.JOB_BUDGET_EXHAUSTED,
+    StopReason.ERROR: Event.JOB_ERROR,
+}
+
+
+@dataclass
+class Iteration:
+    number: int
+    artifact: str
+    artifact_ref: str
+    verdict: Verdict
+    cost: Decimal
+    duration_ms: int
+
+
+@dataclass
+class JobRun:
+    plan: JobPlan
+    settings: FactorySettings
+    log: EventLog
+    created_at: object = field(default_factory=utcnow)
+    calls: list[CallRecord] = field(default_factory=list)
+    iterations: list[Iteration] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.budget = Budget(self.plan.job.limits.budget_usd)
+        self.deadline = time.time() + self.plan.job.limits.timeout_minutes * 60
+        options = retry_options()
+        self.generate = generate_artifact.with_options(**options)
+        self.evaluate = evaluate_artifact.with_options(**options)
+
+    async def run(self) -> JobResult:
+        """Iterate until a stop reason, then write the result and close the log."""
+        started_at = utcnow()
+        await self.log.emit(Event.JOB_STARTED, job_id=self.plan.job.job_id, executor_model=self.plan.executor.name,
+                            evaluator_model=self.plan.evaluator.name, budget_usd=self.plan.job.limits.budget_usd)
+        error: str | None = None
+        try:
+            stop = await self._loop()
+        except BudgetExceeded as exc:
+            stop, error = StopReason.BUDGET, str(exc)
+        except DeadlineExceeded as exc:
+            stop, error = StopReason.TIMEOUT, str(exc)
+        except (ProviderError, StorageError) as exc:
+            stop, error = StopReason.ERROR, str(exc)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._finish(StopReason.CANCELLED, started_at, "cancelled through Prefect"))
+            raise
+        result = await self._finish(stop, started_at, error)
+        if stop is StopReason.ERROR:
+            raise JobFailed(f"job {result.job_id} failed: {error}. Result: {self.plan.result_path}; "
+                            f"log: {self.plan.log_path}")
+        return result
+
+    async def _loop(self) -> StopReason:
+        limits = self.plan.job.limits
+        while True:
+            if len(self.iterations) >= limits.max_cycles:
+                return StopReason.MAX_CYCLES
+            if time.time() >= self.deadline:
+                return StopReason.TIMEOUT
+            done = await self._iterate(len(self.iterations) + 1)
+            if done.verdict.converged and done.verdict.confidence >= limits.min_confidence:
+                return StopReason.CONFORMITY
+
+    async def _iterate(self, n: int) -> Iteration:
+        started = time.perf_counter()
+        await self.log.emit(Event.ITERATION_START, iteration=n, spent_usd=float(self.budget.spent))
+        previous = self.iterations[-1] if self.iterations else None
+        prompt = executor_prompt(
+            self.plan.job.seed, self.plan.job.function, self.plan.context,
+            previous.artifact if previous else None, previous.verdict.feedback_for_executor if previous else None,
+            previous.verdict.strengths if previous else [], previous.verdict.weaknesses if previous else [])
+        request = ChatRequest(model=self.plan.executor.api_name, system=EXECUTOR_SYSTEM,
+                              messages=[Message(role="user", content=prompt)],
+                              max_tokens=self.settings.executor_max_tokens)
+        generated = await self._call(self.generate, Event.EXECUTOR_CALL, n, "executor", self.plan.executor, request)
+        text, extension = render(self.plan.job.function, generated.reply.text)
+        path = self.plan.artifact_dir / f"iteration-{n:02d}{extension}"
+        digest = await store_artifact(path, text.encode())
+        await self.log.emit(Event.EXECUTOR_RESPONSE, iteration=n, artifact_ref=str(path), artifact_hash=digest,
+                            model=generated.reply.model, tokens_used=generated.call.usage.total,
+                            cost_usd=float(generated.call.cost_usd), stop_reason=generated.reply.stop_reason)
+        verdict, eval_cost = await self._judge(n, text)
+        cost = generated.call.cost_usd + eval_cost
+        done = Iteration(n, text, str(path), verdict, cost, int((time.perf_counter() - started) * 1000))
+        self.iterations.append(done)
+        await self.log.emit(Event.ITERATION_END, iteration=n, converged=verdict.converged,
+                            confidence=verdict.confidence, cost_usd=float(cost), spent_usd=float(self.budget.spent),
+                            duration_ms=done.duration_ms)
+        return done
+
+    async def _judge(self, n: int, artifact: str) -> tuple[Verdict, Decimal]:
+        """The verdict on an artifact, with one repair call if the first reply is unreadable."""
+        prompt = evaluator_prompt(self.plan.job.objective, self.plan.job.seed, artifact)
+        request = ChatRequest(model=self.plan.evaluator.api_name, system=EVALUATOR_SYSTEM,
+                              messages=[Message(role="user", content=prompt)],
+                              max_tokens=self.settings.evaluator_max_tokens, response_schema=VERDICT_SCHEMA,
+                              schema_name=VERDICT_TOOL, schema_description=VERDICT_TOOL_DESCRIPTION)
+        first = await self._call(self.evaluate, Event.EVALUATOR_CALL, n, "evaluator", self.plan.evaluator, request)
+        cost = first.call.cost_usd
+        try:
+            verdict = parse_verdict(first.reply.structured, first.reply.text)
+        except UnreadableVerdict as exc:
+            verdict, repair_cost = await self._repair(n, request, first, str(exc))
+            cost += repair_cost
+        verdict = verdict.model_copy(update={"evaluator_model": first.reply.model, "cost_usd": float(cost)})
+        await self.log.emit(Event.EVALUATOR_RESPONSE, iteration=n, **verdict.model_dump())
+        return verdict, cost
+
+    async def _repair(self, n: int, request: ChatRequest, first: CallResult, error: str) -> tuple[Verdict, Decimal]:
+        said = first.reply.text.strip() or str(first.reply.structured or "(an empty reply)")
+        repair = request.model_copy(update={"messages": [
+            *request.messages, Message(role="assistant", content=said),
+            Message(role="user", content=REPAIR_INSTRUCTION.format(error=error))]})
+        get_run_logger().warning("Iteration %d: evaluator reply unreadable (%s); asking once more.", n, error)
+        try:
+            second = await self._call(self.evaluate, Event.EVALUATOR_CALL, n, "evaluator-repair",
+                                      self.plan.evaluator, repair)
+        except BudgetExceeded as exc:
+            return unparseable_verdict(f"{error}; not asked again: {exc}"), Decimal(0)
+        try:
+            return parse_verdict(second.reply.structured, second.reply.text), second.call.cost_usd
+        except UnreadableVerdict as exc:
+            return unparseable_verdict(f"{error}; after one repair: {exc}"), second.call.cost_usd
+
+    async def _call(self, task, event: Event, n: int, role: str, model: ModelPlan, request: ChatRequest) -> CallResult:
+        worst = model.price.worst_case(request.input_token_bound(), request.max_tokens)
+        self.budget.check(worst, f"the {role} call of iteration {n}")
+        await self.log.emit(event, iteration=n, role=role, model=model.name, worst_case_usd=float(worst))
+        result: CallResult = await task(self.plan.job.job_id, n, role, model.provider, request, model.price,
+                                        self.deadline)
+        self.budget.charge(result.call.cost_usd)
+        self.calls.append(result.call)
+        return result
+
+    async def _finish(self, stop: StopReason, started_at, error: str | None) -> JobResult:
+        result = self._result(stop, started_at, error)
+        if stop in STOP_EVENTS:
+            await self.log.emit(STOP_EVENTS[stop], stop_reason=stop.value, detail=error)
+        if self.plan.final_path is not None and result.final_artifact_ref is not None:
+            best = next(i for i in self.iterations if i.artifact_ref == result.final_artifact_ref)
+            await store_artifact(self.plan.final_path, best.artifact.encode())
+        await LocalStorage(self.settings.root).write(self.plan.result_path, result.model_dump_json(indent=2).encode())
+        await self.log.emit(Event.JOB_COMPLETED, status=result.status.value, stop_reason=stop.value,
+                            total_cost_usd=result.total_cost_usd, total_iterations=result.total_iterations,
+                            final_artifact_ref=result.final_artifact_ref, result_ref=str(self.plan.result_path))
+        return result
+
+    def _result(self, stop: StopReason, started_at, error: str | None) -> JobResult:
+        functional = [i.number for i in self.iterations if not i.verdict.weaknesses and not i.verdict.parse_error]
+        best = max(self.iterations, key=lambda i: (i.verdict.converged, i.verdict.confidence, i.number), default=None)
+        final = self.iterations[-1] if stop is StopReason.CONFORMITY else best
+        completed_at = utcnow()
+        return JobResult(
+            job_id=self.plan.job.job_id, status=stop.status, stop_reason=stop,
+            converged=stop is StopReason.CONFORMITY,
+            final_artifact_ref=final.artifact_ref if final else None,
+            last_functional_iteration=functional[-1] if functional else None,
+            total_iterations=len(self.iterations),
+            total_cost_usd=float(sum((c.cost_usd for c in self.calls), Decimal(0))),
+            total_duration_ms=int((completed_at - started_at).total_seconds() * 1000),
+            created_at=self.created_at, started_at=started_at, completed_at=completed_at,
+            executor_model_used=self.plan.executor.name, evaluator_model_used=self.plan.evaluator.name,
+            iterations_detail=[IterationDetail(iteration=i.number, duration_ms=i.duration_ms,
+                                               converged=i.verdict.converged, confidence=i.verdict.confidence,
+                                               cost_usd=float(i.cost), artifact_ref=i.artifact_ref)
+                               for i in self.iterations],
+            log_ref=str(self.plan.log_path), error=error,
+            dry_run=DRY_RUN_MODEL in (self.plan.executor.name, self.plan.evaluator.name),
+        )

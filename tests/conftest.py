@@ -1,0 +1,78 @@
+"""Test session set-up: isolated Prefect home, a real Prefect server (test harness), the LLM emulator.
+
+The default suite cannot reach a paid API: every SDK base URL points at the loopback emulator.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from decimal import Decimal
+from pathlib import Path
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="factory-tests-"))
+os.environ.update({
+    "PREFECT_HOME": str(_SESSION_DIR / "prefect-home"),
+    "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.3",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "FACTORY_STORAGE_ROOT": str(_SESSION_DIR / "storage"),
+    "FACTORY_RETRY_DELAY_S": "0.05",
+    "FACTORY_RETRIES": "6",
+})
+for _leak in ("ANTHROPIC_AUTH_TOKEN", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"):
+    os.environ.pop(_leak, None)
+
+import pytest  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from factory.pricing import price_table  # noqa: E402
+from factory.settings import get_settings  # noqa: E402
+from tests.emulators.llm import API_KEY, OPENAI_KEY, Emulator  # noqa: E402
+from tests.emulators.server import ThreadedServer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def llm_server():
+    emulator = Emulator()
+    server = ThreadedServer(emulator.app).start()
+    os.environ.update({
+        "ANTHROPIC_BASE_URL": server.url, "ANTHROPIC_API_KEY": API_KEY,
+        "OPENAI_BASE_URL": f"{server.url}/v1", "OPENAI_API_KEY": OPENAI_KEY,
+    })
+    yield emulator
+    server.stop()
+
+
+@pytest.fixture
+def llm(llm_server):
+    """The emulator, reset to its default script for this test."""
+    llm_server.reset()
+    yield llm_server
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture
+def factory_env(llm, prefect_server):
+    get_settings.cache_clear()
+    yield llm
+    get_settings.cache_clear()
+
+
+def billed_cost(emulator: Emulator) -> Decimal:
+    """What the emulated provider billed for every successful call, at the Factory's price table."""
+    table = price_table(get_settings())
+    return sum(
+        (Decimal(b.input_tokens) * table[b.model].input + Decimal(b.output_tokens) * table[b.model].output
+         + Decimal(b.cache_read_tokens) * table[b.model].cache_read) / Decimal(1_000_000)
+        for b in emulator.billed
+    ) or Decimal(0)
+
+
+@pytest.fixture
+def storage_root() -> Path:
+    return get_settings().root

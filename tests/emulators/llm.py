@@ -1,0 +1,193 @@
+"""A loopback emulator of the Anthropic Messages and OpenAI Chat Completions HTTP APIs.
+
+The official SDKs reach it through ANTHROPIC_BASE_URL / OPENAI_BASE_URL. A test scripts it:
+what the executor writes, what verdicts the evaluator returns (dicts, raw text, empty),
+latency, and faults (429 with retry-after, 500, 529 overloaded, malformed bodies, hangs, 401).
+Every request is recorded with the usage it was billed, so tests can check money to the token.
+
+Run it alone with `python -m tests.emulators.llm --port 8089` to point a real job at it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import random
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+API_KEY = "sk-ant-test-emulator-key"
+OPENAI_KEY = "sk-openai-test-emulator-key"
+FAULT_KINDS = ("429", "500", "529", "malformed")
+
+
+@dataclass
+class Billed:
+    api: str
+    role: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cache_read_tokens: int = 0
+
+
+@dataclass
+class Script:
+    """What the emulator answers. Lists are consumed in order; the last item repeats."""
+
+    executor: list[str] = field(default_factory=lambda: ["Draft {n}: an artifact."])
+    verdicts: list[Any] = field(default_factory=lambda: [{"converged": True, "confidence": 0.9, "strengths": ["ok"],
+                                                          "weaknesses": [], "feedback_for_executor": ""}])
+    latency_s: float = 0.0
+    faults: list[str | None] = field(default_factory=list)  # per request, in order: None = answer normally
+    fault_rate: float = 0.0
+    fault_seed: int = 7
+    hang_s: float = 3600.0
+    cached_tokens: int = 0  # reported as cache reads on OpenAI / Anthropic
+
+
+class Emulator:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+        self.app = Starlette(routes=[
+            Route("/v1/messages", self.anthropic_messages, methods=["POST"]),
+            Route("/v1/chat/completions", self.openai_chat, methods=["POST"]),
+        ])
+
+    def reset(self, script: Script | None = None) -> Script:
+        with self._lock:
+            self.script = script or Script()
+            self.requests: list[dict[str, Any]] = []
+            self.billed: list[Billed] = []
+            self.faults_sent: list[str] = []
+            self._counters = {"executor": itertools.count(), "evaluator": itertools.count()}
+            self._fault_iter = iter(self.script.faults)
+            self._rng = random.Random(self.script.fault_seed)
+        return self.script
+
+    # --- scripting -------------------------------------------------------------------------
+    def _next_fault(self) -> str | None:
+        with self._lock:
+            scripted = next(self._fault_iter, None)
+            if scripted:
+                return scripted
+            if self.script.fault_rate and self._rng.random() < self.script.fault_rate:
+                return self._rng.choice(FAULT_KINDS)
+        return None
+
+    def _next(self, role: str) -> tuple[int, Any]:
+        with self._lock:
+            n = next(self._counters[role])
+        items = self.script.executor if role == "executor" else self.script.verdicts
+        return n, items[min(n, len(items) - 1)]
+
+    async def _prelude(self, request: Request, api: str) -> tuple[dict[str, Any], Response | None]:
+        body = await request.json()
+        self.requests.append({"api": api, "body": body, "headers": dict(request.headers)})
+        if self.script.latency_s:
+            await asyncio.sleep(self.script.latency_s)
+        fault = self._next_fault()
+        if fault:
+            self.faults_sent.append(fault)
+            return body, await self._fault(fault, api)
+        return body, None
+
+    async def _fault(self, kind: str, api: str) -> Response:
+        if kind == "hang":
+            await asyncio.sleep(self.script.hang_s)
+        if kind == "malformed":
+            return Response('{"id": "msg_1", "content": [', media_type="application/json")
+        status = {"429": 429, "500": 500, "529": 529, "401": 401, "400": 400}[kind]
+        kind_name = {429: "rate_limit_error", 500: "api_error", 529: "overloaded_error", 401: "authentication_error",
+                     400: "invalid_request_error"}[status]
+        headers = {"retry-after": "0"} if status == 429 else {}
+        if api == "anthropic":
+            body = {"type": "error", "error": {"type": kind_name, "message": f"emulated {kind_name}"}}
+        else:
+            body = {"error": {"message": f"emulated {kind_name}", "type": kind_name, "code": None, "param": None}}
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    # --- Anthropic -------------------------------------------------------------------------
+    async def anthropic_messages(self, request: Request) -> Response:
+        if request.headers.get("x-api-key") != API_KEY:
+            return JSONResponse({"type": "error", "error": {"type": "authentication_error",
+                                                            "message": "invalid x-api-key"}}, status_code=401)
+        body, fault = await self._prelude(request, "anthropic")
+        if fault is not None:
+            return fault
+        role = "evaluator" if body.get("tools") else "executor"
+        n, item = self._next(role)
+        content, out_text = self._anthropic_content(role, n, item)
+        usage = self._bill("anthropic", role, body["model"], _prompt_text(body), out_text)
+        return JSONResponse({
+            "id": f"msg_{uuid.uuid4().hex[:20]}", "type": "message", "role": "assistant", "model": body["model"],
+            "content": content, "stop_reason": "tool_use" if any(c["type"] == "tool_use" for c in content)
+            else "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": usage.cache_read_tokens},
+        })
+
+    def _anthropic_content(self, role: str, n: int, item: Any) -> tuple[list[dict], str]:
+        if role == "executor":
+            text = item.format(n=n + 1)
+            return [{"type": "text", "text": text}], text
+        if isinstance(item, dict):
+            return [{"type": "tool_use", "id": f"toolu_{n}", "name": "submit_verdict", "input": item}], json.dumps(item)
+        return ([{"type": "text", "text": item}] if item else []), item
+
+    # --- OpenAI ----------------------------------------------------------------------------
+    async def openai_chat(self, request: Request) -> Response:
+        if request.headers.get("authorization") != f"Bearer {OPENAI_KEY}":
+            return JSONResponse({"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                                           "code": "invalid_api_key", "param": None}}, status_code=401)
+        body, fault = await self._prelude(request, "openai")
+        if fault is not None:
+            return fault
+        role = "evaluator" if body.get("response_format") else "executor"
+        n, item = self._next(role)
+        text = item.format(n=n + 1) if role == "executor" else (json.dumps(item) if isinstance(item, dict) else item)
+        usage = self._bill("openai", role, body["model"], _prompt_text(body), text)
+        prompt_tokens = usage.input_tokens + usage.cache_read_tokens
+        return JSONResponse({
+            "id": f"chatcmpl-{uuid.uuid4().hex[:20]}", "object": "chat.completion", "created": 1764000000,
+            "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                         "finish_reason": "stop", "logprobs": None}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": usage.output_tokens,
+                      "total_tokens": prompt_tokens + usage.output_tokens,
+                      "prompt_tokens_details": {"cached_tokens": usage.cache_read_tokens}},
+        })
+
+    def _bill(self, api: str, role: str, model: str, prompt: str, output: str) -> Billed:
+        total_in = len(prompt) // 4 + 10
+        cached = min(self.script.cached_tokens, total_in)
+        billed = Billed(api, role, model, total_in - cached, len(output) // 4 + 5, cached)
+        self.billed.append(billed)
+        return billed
+
+
+def _prompt_text(body: dict[str, Any]) -> str:
+    parts = [json.dumps(body.get("system", ""))]
+    parts += [json.dumps(m.get("content")) for m in body.get("messages", [])]
+    parts.append(json.dumps(body.get("tools") or body.get("response_format") or ""))
+    return "".join(parts)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=8089)
+    args = parser.parse_args()
+    uvicorn.run(Emulator().app, host="127.0.0.1", port=args.port)
