@@ -41,6 +41,12 @@ def unparseable_verdict(error: str) -> Verdict:
     )
 
 
+def unjudged_verdict(reason: str) -> Verdict:
+    """For an artifact that was generated but could not be evaluated (budget or deadline)."""
+    return Verdict(converged=False, confidence=0.0, weaknesses=["Not evaluated."],
+                   parse_error=f"not evaluated: {reason}")
+
+
 def _json_in(text: str) -> dict[str, Any]:
     if not text or not text.strip():
         raise UnreadableVerdict("the reply was empty")

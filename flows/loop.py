@@ -25,7 +25,7 @@ from factory.prompts import (EVALUATOR_SYSTEM, EXECUTOR_SYSTEM, REPAIR_INSTRUCTI
 from factory.providers import DRY_RUN_MODEL, ChatRequest, Message
 from factory.settings import FactorySettings
 from factory.storage import LocalStorage
-from factory.verdict import UnreadableVerdict, parse_verdict, unparseable_verdict
+from factory.verdict import UnreadableVerdict, parse_verdict, unjudged_verdict, unparseable_verdict
 from tasks.calls import CallResult
 from tasks.evaluate import evaluate_artifact
 from tasks.generate import generate_artifact
@@ -118,13 +118,21 @@ class JobRun:
         await self.log.emit(Event.EXECUTOR_RESPONSE, iteration=n, artifact_ref=str(path), artifact_hash=digest,
                             model=generated.reply.model, tokens_used=generated.call.usage.total,
                             cost_usd=float(generated.call.cost_usd), stop_reason=generated.reply.stop_reason)
-        verdict, eval_cost = await self._judge(n, text)
-        cost = generated.call.cost_usd + eval_cost
-        done = Iteration(n, text, str(path), verdict, cost, int((time.perf_counter() - started) * 1000))
-        self.iterations.append(done)
+        try:
+            verdict, eval_cost = await self._judge(n, text)
+        except (BudgetExceeded, DeadlineExceeded) as exc:
+            # The artifact was paid for: keep it in the result, marked as not judged.
+            self._record(n, text, str(path), unjudged_verdict(str(exc)), generated.call.cost_usd, started)
+            raise
+        done = self._record(n, text, str(path), verdict, generated.call.cost_usd + eval_cost, started)
         await self.log.emit(Event.ITERATION_END, iteration=n, converged=verdict.converged,
-                            confidence=verdict.confidence, cost_usd=float(cost), spent_usd=float(self.budget.spent),
-                            duration_ms=done.duration_ms)
+                            confidence=verdict.confidence, cost_usd=float(done.cost),
+                            spent_usd=float(self.budget.spent), duration_ms=done.duration_ms)
+        return done
+
+    def _record(self, n: int, text: str, ref: str, verdict: Verdict, cost: Decimal, started: float) -> Iteration:
+        done = Iteration(n, text, ref, verdict, cost, int((time.perf_counter() - started) * 1000))
+        self.iterations.append(done)
         return done
 
     async def _judge(self, n: int, artifact: str) -> tuple[Verdict, Decimal]:

@@ -118,7 +118,8 @@ class Emulator:
 
     # --- Anthropic -------------------------------------------------------------------------
     async def anthropic_messages(self, request: Request) -> Response:
-        if request.headers.get("x-api-key") != API_KEY:
+        # Anthropic takes the key as `x-api-key` or (SDK 2.x) as a bearer token.
+        if API_KEY not in (request.headers.get("x-api-key"), request.headers.get("authorization", "")[7:]):
             return JSONResponse({"type": "error", "error": {"type": "authentication_error",
                                                             "message": "invalid x-api-key"}}, status_code=401)
         body, fault = await self._prelude(request, "anthropic")
