@@ -1,0 +1,100 @@
+"""The deployment as a user runs it: `prefect server start`, `prefect deploy --all`, a process
+worker, and `prefect deployment run factory/job --params ... --watch` through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.emulators.llm import Script
+from tests.emulators.server import free_port
+from tests.helpers import DONE, NOT_YET, read_log
+from tests.processes import Background, prefect_bin, run_cli, wait_healthy
+
+pytestmark = pytest.mark.cli
+
+
+@pytest.fixture(scope="module")
+def served(llm_server, tmp_path_factory):
+    home = tmp_path_factory.mktemp("cli-prefect-home")
+    storage = tmp_path_factory.mktemp("cli-storage")
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url,
+           "FACTORY_STORAGE_ROOT": str(storage), "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    server = Background([prefect_bin(), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
+                        home / "server.log")
+    worker = None
+    try:
+        wait_healthy(api_url, server)
+        created = run_cli(["work-pool", "create", "factory-local", "--type", "process"], env)
+        assert created.returncode == 0, created.stdout + created.stderr
+        deployed = run_cli(["--no-prompt", "deploy", "--all"], env)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        worker = Background([prefect_bin(), "worker", "start", "--pool", "factory-local"], env, home / "worker.log")
+        yield {"env": env, "api_url": api_url, "storage": Path(storage), "worker": worker}
+    finally:
+        if worker is not None:
+            worker.stop()
+        server.stop()
+
+
+def test_deployment_run_through_the_cli(served, llm_server):
+    llm_server.reset(Script(verdicts=[NOT_YET, DONE]))
+    params = {"seed": "Write a limerick about queues.", "objective": "A limerick about queues.",
+              "job_id": "cli-job-1", "limits": {"max_cycles": 4, "budget_usd": 1.0}}
+    run = run_cli(["deployment", "run", "factory/job", "--params", json.dumps(params), "--watch",
+                   "--watch-timeout", "180"], served["env"], timeout_s=240)
+    assert run.returncode == 0, run.stdout + run.stderr + served["worker"].log.read_text()[-3000:]
+    assert "Completed" in run.stdout
+    result = json.loads((served["storage"] / "cli-job-1" / "result.json").read_text())
+    assert result["status"] == "CONVERGED" and result["total_iterations"] == 2
+    assert result["total_cost_usd"] > 0
+    assert read_log(result["log_ref"])[-1]["event"] == "JOB_COMPLETED"
+
+
+def test_cli_refuses_bad_parameters_naming_the_field(served):
+    params = {"seed": "s", "objective": "o", "limits": {"budget_usd": 500}}
+    run = run_cli(["deployment", "run", "factory/job", "--params", json.dumps(params)], served["env"])
+    assert run.returncode != 0
+    assert "limits.budget_usd" in run.stdout + run.stderr
+
+
+def _flow_run_state(api_url: str, flow_run_id: str) -> str:
+    return httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=10).json()["state"]["type"]
+
+
+def test_cancelling_a_run_ends_the_job_cancelled_with_a_complete_log(served, llm_server):
+    llm_server.reset(Script(verdicts=[NOT_YET], latency_s=1.0))
+    params = {"seed": "Write an essay.", "objective": "An essay.", "job_id": "cli-cancel-1",
+              "limits": {"max_cycles": 30}}
+    run = run_cli(["deployment", "run", "factory/job", "--params", json.dumps(params)], served["env"])
+    assert run.returncode == 0, run.stdout + run.stderr
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+    log_path = served["storage"] / "cli-cancel-1" / "log.json"
+    deadline = time.monotonic() + 120
+    while not (log_path.exists() and any(e["event"] == "ITERATION_END" for e in read_log(log_path))):
+        assert time.monotonic() < deadline, served["worker"].log.read_text()[-3000:]
+        time.sleep(0.5)
+    cancel = run_cli(["flow-run", "cancel", flow_run_id], served["env"])
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    deadline = time.monotonic() + 90
+    while _flow_run_state(served["api_url"], flow_run_id) != "CANCELLED":
+        assert time.monotonic() < deadline, served["worker"].log.read_text()[-3000:]
+        time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while read_log(log_path)[-1]["event"] != "JOB_COMPLETED":
+        assert time.monotonic() < deadline, served["worker"].log.read_text()[-3000:]
+        time.sleep(0.5)
+    last = read_log(log_path)[-1]["data"]
+    assert last["status"] == "CANCELLED" and last["stop_reason"] == "CANCELLED"
+    calls_at_cancel = len(llm_server.requests)
+    time.sleep(3)
+    assert len(llm_server.requests) == calls_at_cancel, "no call may be made after the cancel"
