@@ -110,3 +110,19 @@ def test_model_close_to_retirement_warns():
     assert warnings and "retires on 2026-11-30" in warnings[0]
     with pytest.raises(ConfigurationError, match="retired on 2026-11-30"):
         plan_model("claude-sonnet-4-5", "executor_model", get_settings(), date(2026, 12, 1), [])
+
+
+async def test_secret_block_wins_over_the_environment(factory_env, monkeypatch):
+    from blocks.register import register
+    saved = await register()
+    assert "anthropic-api-key" in saved
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-wrong-key-from-env")
+    monkeypatch.setattr(credentials, "_cache", {})
+    try:
+        state = await run_job()
+    finally:
+        async with get_client() as client:
+            for name in saved:
+                block = await client.read_block_document_by_name(name, block_type_slug="secret")
+                await client.delete_block_document(block.id)
+    assert state.is_completed(), state.message
