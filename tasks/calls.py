@@ -3,8 +3,10 @@ priced from its usage, keyed for Prefect's cache by everything that changes its 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
+import weakref
 from decimal import Decimal
 from typing import Any
 
@@ -14,8 +16,23 @@ from blocks.credentials import api_key_for
 from factory.errors import DeadlineExceeded, TransientProviderError
 from factory.models import CallRecord, StrictModel
 from factory.pricing import Price
-from factory.providers import ChatReply, ChatRequest, make_provider
+from factory.providers import ChatReply, ChatRequest, Provider, make_provider
 from factory.settings import get_settings
+
+
+# Provider clients hold connection pools bound to the event loop that made them: one set per loop.
+_providers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], Provider]] = (
+    weakref.WeakKeyDictionary())
+
+
+async def provider_client(provider: str) -> Provider:
+    """The running loop's client for `provider` and its current key, built on first use."""
+    key = await api_key_for(provider)
+    clients = _providers.setdefault(asyncio.get_running_loop(), {})
+    slot = (provider, key.get_secret_value() if key else "")
+    if slot not in clients:
+        clients[slot] = make_provider(provider, key)
+    return clients[slot]
 
 
 class CallResult(StrictModel):
@@ -41,7 +58,7 @@ async def billed_call(provider: str, request: ChatRequest, price: Price, deadlin
     if left <= 0:
         raise DeadlineExceeded(f"the job's deadline passed before the {role} call")
     timeout = min(get_settings().request_timeout_s, left)
-    client = make_provider(provider, await api_key_for(provider))
+    client = await provider_client(provider)
     started = time.perf_counter()
     try:
         reply = await client.complete(request, timeout_s=timeout)

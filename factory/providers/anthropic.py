@@ -20,7 +20,9 @@ class AnthropicProvider(Provider):
     name = "anthropic"
 
     def __init__(self, api_key: SecretStr | None = None) -> None:
-        self._api_key = api_key
+        # One client (and connection pool) per provider object: building one costs ~20 ms of TLS set-up.
+        self._client = anthropic.AsyncAnthropic(api_key=api_key.get_secret_value() if api_key else None,
+                                                max_retries=0)
 
     async def complete(self, request: ChatRequest, *, timeout_s: float) -> ChatReply:
         kwargs: dict = {
@@ -37,10 +39,8 @@ class AnthropicProvider(Provider):
             }]
             forced = request.model not in NO_FORCED_TOOL_CHOICE
             kwargs["tool_choice"] = {"type": "tool", "name": request.schema_name} if forced else {"type": "auto"}
-        key = self._api_key.get_secret_value() if self._api_key else None
         try:
-            async with anthropic.AsyncAnthropic(api_key=key, max_retries=0, timeout=timeout_s) as client:
-                message = await client.messages.create(**kwargs)
+            message = await self._client.messages.create(**kwargs, timeout=timeout_s)
         except (anthropic.AnthropicError, json.JSONDecodeError, pydantic.ValidationError) as exc:
             raise translate_sdk_error(exc, request.model, anthropic) from exc
         return _reply(message, request)

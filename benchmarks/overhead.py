@@ -1,0 +1,190 @@
+"""Orchestration overhead of the `factory` flow next to model latency, and 20 concurrent jobs.
+
+    uv run python benchmarks/overhead.py [--latency-ms 100] [--iterations 10] [--concurrent 20]
+
+Everything runs on 127.0.0.1: the provider emulator from tests/ (every call takes --latency-ms),
+a `prefect server start` on PostgreSQL (database `factory_bench` on 127.0.0.1:5432, recreated) and,
+for the concurrency figure, a process worker on `factory-local` with the deployment from prefect.yaml.
+
+1. The same never-converging 10-iteration job (20 model calls) twice, side by side: through the flow
+   against the running server (in a child process, whose peak RSS is reported), and as a bare asyncio
+   loop calling the same providers with the same prompts. Ratio = flow / bare wall time.
+2. `--concurrent` jobs created at once through the deployment on one worker, wall time from creation to
+   the last completion, over one job's wall time measured the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+NEVER = {"converged": False, "confidence": 0.4, "strengths": ["s"], "weaknesses": ["w"],
+         "feedback_for_executor": "Revise."}
+PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/factory_bench"
+
+
+def params(iterations: int) -> dict:
+    return {"seed": "Write a short poem.", "objective": "A short poem.", "job_id": f"bench-{uuid.uuid4().hex[:10]}",
+            "limits": {"max_cycles": iterations, "budget_usd": 10.0}}
+
+
+async def bare_loop(iterations: int) -> float:
+    """The same calls with no orchestration: providers, prompts and verdict parsing only."""
+    from factory.prompts import (EVALUATOR_SYSTEM, EXECUTOR_SYSTEM, VERDICT_SCHEMA, VERDICT_TOOL,
+                                 evaluator_prompt, executor_prompt)
+    from factory.models import FunctionType
+    from factory.providers import ChatRequest, Message, make_provider
+    from factory.verdict import parse_verdict
+    from pydantic import SecretStr
+
+    provider = make_provider("anthropic", SecretStr(os.environ["ANTHROPIC_API_KEY"]))
+    job, artifact, verdict = params(iterations), None, None
+    started = time.perf_counter()
+    for _ in range(iterations):
+        prompt = executor_prompt(job["seed"], FunctionType.TEXT_GENERATION, [], artifact,
+                                 verdict.feedback_for_executor if verdict else None,
+                                 verdict.strengths if verdict else [], verdict.weaknesses if verdict else [])
+        reply = await provider.complete(ChatRequest(model="claude-sonnet-5-5", system=EXECUTOR_SYSTEM,
+                                                    messages=[Message(role="user", content=prompt)],
+                                                    max_tokens=8192), timeout_s=60)
+        artifact = reply.text
+        judged = await provider.complete(ChatRequest(
+            model="claude-sonnet-5-5", system=EVALUATOR_SYSTEM, max_tokens=4096, response_schema=VERDICT_SCHEMA,
+            schema_name=VERDICT_TOOL, messages=[Message(role="user", content=evaluator_prompt(
+                job["objective"], job["seed"], artifact))]), timeout_s=60)
+        verdict = parse_verdict(judged.structured, judged.text)
+    return time.perf_counter() - started
+
+
+async def flow_child(iterations: int) -> None:
+    from flows.job import factory
+
+    started = time.perf_counter()
+    result = await factory(**params(iterations))
+    wall = time.perf_counter() - started
+    assert result.total_iterations == iterations, result
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"wall_s": wall, "peak_rss_mb": peak_mb}))
+
+
+def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(args, env=env, cwd=REPO, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+
+
+def wait_healthy(url: str, timeout_s: float = 120) -> None:
+    import httpx
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise RuntimeError("the Prefect server did not become healthy")
+
+
+async def run_deployments(count: int, iterations: int) -> float:
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    started = time.perf_counter()
+    runs = await asyncio.gather(*(run_deployment("factory/job", parameters=params(iterations), timeout=0)
+                                  for _ in range(count)))
+    async with get_client() as client:
+        while True:
+            states = [(await client.read_flow_run(r.id)).state for r in runs]
+            if all(s.is_final() for s in states):
+                break
+            await asyncio.sleep(0.2)
+    assert all(s.is_completed() for s in states), [s.message for s in states if not s.is_completed()]
+    return time.perf_counter() - started
+
+
+def recreate_database() -> None:
+    for sql in ("DROP DATABASE IF EXISTS factory_bench WITH (FORCE)", "CREATE DATABASE factory_bench"):
+        subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc", sql], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--latency-ms", type=float, default=100)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--concurrent", type=int, default=20)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        asyncio.run(flow_child(args.iterations))
+        return
+
+    from tests.emulators.llm import API_KEY, Emulator, Script
+    from tests.emulators.server import ThreadedServer, free_port
+
+    emulator = Emulator()
+    emulator.reset(Script(verdicts=[NEVER], latency_s=args.latency_ms / 1000))
+    llm = ThreadedServer(emulator.app).start()
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / f"factory-bench-{uuid.uuid4().hex[:6]}"
+    work.mkdir(parents=True)
+    port = free_port()
+    env = {**os.environ, "ANTHROPIC_BASE_URL": llm.url, "ANTHROPIC_API_KEY": API_KEY,
+           "PREFECT_HOME": str(work / "home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "PREFECT_API_DATABASE_CONNECTION_URL": PG_URL, "FACTORY_STORAGE_ROOT": str(work / "storage"),
+           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    os.environ.update(env)
+    recreate_database()
+    prefect = str(Path(sys.executable).parent / "prefect")
+    server = start([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, work / "server.log")
+    worker = None
+    try:
+        wait_healthy(env["PREFECT_API_URL"])
+        flows, bares = [], []
+        for _ in range(3):  # side by side, alternating
+            out = subprocess.run([sys.executable, __file__, "--child", "--iterations", str(args.iterations)],
+                                 env=env, capture_output=True, text=True, check=True).stdout
+            flows.append(json.loads(out.strip().splitlines()[-1]))
+            bares.append(asyncio.run(bare_loop(args.iterations)))
+        flow_wall = sorted(f["wall_s"] for f in flows)[1]
+        bare_wall = sorted(bares)[1]
+        print(f"{args.iterations}-iteration job, {args.latency_ms:.0f} ms per call (median of 3):")
+        print(f"  flow with Prefect server: {flow_wall:.3f} s   bare asyncio loop: {bare_wall:.3f} s")
+        print(f"  ratio flow/bare: {flow_wall / bare_wall:.3f}   overhead per iteration: "
+              f"{(flow_wall - bare_wall) / args.iterations * 1000:.1f} ms")
+        print(f"  peak RSS of the flow process: {max(f['peak_rss_mb'] for f in flows):.0f} MB")
+
+        for cmd in (["work-pool", "create", "factory-local", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
+            subprocess.run([prefect, *cmd], env=env, cwd=REPO, check=True, capture_output=True)
+        worker = start([prefect, "worker", "start", "--pool", "factory-local", "--limit", str(args.concurrent)],
+                       env, work / "worker.log")
+        one = asyncio.run(run_deployments(1, args.iterations))
+        many = asyncio.run(run_deployments(args.concurrent, args.iterations))
+        print(f"{args.concurrent} jobs at once on one process worker (PostgreSQL-backed server):")
+        print(f"  one job: {one:.2f} s   {args.concurrent} jobs: {many:.2f} s   ratio: {many / one:.2f}")
+    finally:
+        if worker is not None:
+            stop(worker)
+        stop(server)
+        llm.stop()
+
+
+if __name__ == "__main__":
+    main()
