@@ -41,4 +41,5 @@ class EventLog:
 
     async def flush(self) -> None:
         body = {"job_id": self.job_id, "events": self.events}
-        await self.storage.write(self.path, json.dumps(body, indent=2, default=str).encode())
+        # Compact JSON: the C encoder, ~10x faster than indent=2 on a log rewritten at every event.
+        await self.storage.write(self.path, json.dumps(body, default=str).encode())

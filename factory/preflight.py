@@ -10,7 +10,6 @@ import re
 from datetime import date, datetime
 from pathlib import Path
 
-from anthropic._data import DEPRECATED_MODELS  # the SDK's own table of retirement dates
 from factory.errors import ConfigurationError, StorageError
 from factory.models import TEXT_FUNCTIONS, JobInput, StrictModel
 from factory.pricing import Price, price_for
@@ -42,6 +41,9 @@ class JobPlan(StrictModel):
 
 
 def retirement_date(model: str) -> date | None:
+    """The retirement date in the Anthropic SDK's own table of deprecated models, if listed."""
+    from anthropic._data import DEPRECATED_MODELS  # imported here: the SDK costs ~1.4 s to import
+
     raw = DEPRECATED_MODELS.get(model)
     if raw is None:
         return None
@@ -51,7 +53,7 @@ def retirement_date(model: str) -> date | None:
 
 def plan_model(name: str, field: str, settings: FactorySettings, today: date, warnings: list[str]) -> ModelPlan:
     provider = provider_name(name, field)
-    retires = retirement_date(api_model(name))
+    retires = retirement_date(api_model(name)) if provider == "anthropic" else None
     if retires is not None and retires <= today:
         raise ConfigurationError(
             field, f"model '{name}' was retired on {retires.isoformat()}; use a current model such as "

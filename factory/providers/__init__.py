@@ -12,10 +12,8 @@ import re
 from pydantic import SecretStr
 
 from factory.errors import ConfigurationError
-from factory.providers.anthropic import AnthropicProvider
 from factory.providers.base import ChatReply, ChatRequest, Message, Provider
 from factory.providers.dryrun import DRY_RUN_MODEL, DryRunProvider
-from factory.providers.openai import OpenAIProvider
 
 __all__ = ["ChatReply", "ChatRequest", "Message", "Provider", "DRY_RUN_MODEL", "provider_name", "api_model",
            "make_provider"]
@@ -55,10 +53,11 @@ def api_model(model: str) -> str:
 
 
 def make_provider(provider: str, api_key: SecretStr | None) -> Provider:
+    # SDKs are imported on first use: each costs 0.5-1.5 s of start-up in every flow-run process.
     if provider == "anthropic":
+        from factory.providers.anthropic import AnthropicProvider
         return AnthropicProvider(api_key)
-    if provider == "openai":
-        return OpenAIProvider(api_key)
-    if provider == "openai-compatible":
-        return OpenAIProvider(api_key, compatible=True)
+    if provider in ("openai", "openai-compatible"):
+        from factory.providers.openai import OpenAIProvider
+        return OpenAIProvider(api_key, compatible=provider == "openai-compatible")
     return DryRunProvider()

@@ -24,6 +24,9 @@ class AnthropicProvider(Provider):
         self._client = anthropic.AsyncAnthropic(api_key=api_key.get_secret_value() if api_key else None,
                                                 max_retries=0)
 
+    async def aclose(self) -> None:
+        await self._client.close()
+
     async def complete(self, request: ChatRequest, *, timeout_s: float) -> ChatReply:
         kwargs: dict = {
             "model": request.model,

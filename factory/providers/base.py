@@ -76,6 +76,9 @@ class Provider(ABC):
             ProviderAuthError, ProviderRequestError: not worth retrying.
         """
 
+    async def aclose(self) -> None:
+        """Release the provider's connections (a no-op where it holds none)."""
+
 
 def _retry_after(response: httpx.Response | None) -> float | None:
     if response is None:

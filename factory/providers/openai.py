@@ -29,6 +29,9 @@ class OpenAIProvider(Provider):
         # One client (and connection pool) per provider object: building one costs ~20 ms of TLS set-up.
         self._client = openai.AsyncOpenAI(api_key=key, max_retries=0)
 
+    async def aclose(self) -> None:
+        await self._client.close()
+
     async def complete(self, request: ChatRequest, *, timeout_s: float) -> ChatReply:
         messages = [{"role": "system", "content": request.system}, *(m.model_dump() for m in request.messages)]
         kwargs: dict = {"model": request.model, "messages": messages}
