@@ -85,7 +85,7 @@ class JobRun:
             raise
         result = await self._finish(stop, started_at, error)
         if stop is StopReason.ERROR:
-            raise JobFailed(f"job {result.job_id} failed: {error}. Result: {self.plan.result_path}; "
+            raise JobFailed(f"job {result.job_id} failed: {error.rstrip('.')}. Result: {self.plan.result_path}; "
                             f"log: {self.plan.log_path}")
         return result
 
