@@ -27,6 +27,20 @@ class StorageError(FactoryError):
     """An artifact, log or input ref could not be read or written."""
 
 
+class ObjectNotFound(StorageError):
+    """A ref names nothing that exists."""
+
+
+class StorageSpooled(StorageError):
+    """S3 stayed unreachable: the object was kept in the local spool instead."""
+
+    def __init__(self, ref: str, spool_path, reason: str) -> None:
+        self.ref = ref
+        self.spool_path = spool_path
+        super().__init__(f"{reason}; {ref} was kept at {spool_path}. Re-run the job with the same job_id "
+                         f"once the store is back: the spool is uploaded first and no model call is repeated.")
+
+
 class BudgetExceeded(FactoryError):
     """The next call's worst-case cost does not fit in what is left of the budget."""
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import re
 from datetime import date, datetime
-from pathlib import Path
 
 from factory.errors import ConfigurationError, StorageError
 from factory.models import TEXT_FUNCTIONS, JobInput, StrictModel
 from factory.pricing import Price, price_for
 from factory.providers import api_model, provider_name
 from factory.settings import FactorySettings
-from factory.storage import LocalStorage
+from factory.storage import Location, Storage
 
 RETIREMENT_WARNING_DAYS = 30
 MAX_INPUT_REF_BYTES = 1_000_000
@@ -32,10 +31,10 @@ class JobPlan(StrictModel):
     job: JobInput
     executor: ModelPlan
     evaluator: ModelPlan
-    artifact_dir: Path
-    final_path: Path | None
-    log_path: Path
-    result_path: Path
+    artifact_dir: Location
+    final_path: Location | None
+    log_path: Location
+    result_path: Location
     context: list[tuple[str, str]]
     warnings: list[str]
 
@@ -63,7 +62,7 @@ def plan_model(name: str, field: str, settings: FactorySettings, today: date, wa
     return ModelPlan(name=name, provider=provider, api_name=api_model(name), price=price_for(name, settings, field))
 
 
-async def plan_job(job: JobInput, settings: FactorySettings, storage: LocalStorage, today: date) -> JobPlan:
+async def plan_job(job: JobInput, settings: FactorySettings, storage: Storage, today: date) -> JobPlan:
     """Check a job against the deployment before anything is spent.
 
     Raises:
@@ -83,32 +82,32 @@ async def plan_job(job: JobInput, settings: FactorySettings, storage: LocalStora
     log_path = log_path_for(job.job_id, job.log_ref, storage)
     return JobPlan(
         job=job, executor=executor, evaluator=evaluator, artifact_dir=artifact_dir, final_path=final_path,
-        log_path=log_path, result_path=job_dir / "result.json", context=await _read_inputs(job, storage),
+        log_path=log_path, result_path=job_dir.child("result.json"), context=await _read_inputs(job, storage),
         warnings=warnings,
     )
 
 
-def log_path_for(job_id: str, log_ref: str | None, storage: LocalStorage) -> Path:
-    return storage.resolve(log_ref, "log_ref") if log_ref else storage.resolve(job_id, "job_id") / "log.json"
+def log_path_for(job_id: str, log_ref: str | None, storage: Storage) -> Location:
+    return storage.resolve(log_ref, "log_ref") if log_ref else storage.resolve(job_id, "job_id").child("log.json")
 
 
-def _output_paths(job: JobInput, storage: LocalStorage, job_dir: Path) -> tuple[Path, Path | None]:
+def _output_paths(job: JobInput, storage: Storage, job_dir: Location) -> tuple[Location, Location | None]:
     """A folder-like `output_ref` holds the iterations; a file-like one also receives the final artifact."""
     if not job.output_ref:
-        return job_dir / "artifacts", None
-    path = storage.resolve(job.output_ref, "output_ref")
-    if path.suffix and not job.output_ref.endswith("/"):
-        return path.parent / f"{path.stem}-iterations", path
-    return path, None
+        return job_dir.child("artifacts"), None
+    location = storage.resolve(job.output_ref, "output_ref")
+    if location.suffix and not job.output_ref.endswith("/"):
+        return location.sibling(f"{location.stem}-iterations"), location
+    return location, None
 
 
-async def _read_inputs(job: JobInput, storage: LocalStorage) -> list[tuple[str, str]]:
+async def _read_inputs(job: JobInput, storage: Storage) -> list[tuple[str, str]]:
     context = []
     for index, ref in enumerate(job.input_refs):
         field = f"input_refs[{index}]"
-        path = storage.resolve(ref, field)
+        location = storage.resolve(ref, field)
         try:
-            data = await storage.read(path)
+            data = await storage.read(location)
         except StorageError as exc:
             raise ConfigurationError(field, f"'{ref}' cannot be read ({exc}); nothing was spent.") from exc
         if len(data) > MAX_INPUT_REF_BYTES:

@@ -26,6 +26,10 @@ class FactorySettings(BaseSettings):
     )
     default_executor_model: str = Field(default=DEFAULT_MODEL)
     default_evaluator_model: str = Field(default=DEFAULT_MODEL)
+    s3_block: str = Field(default="factory-s3", description="The prefect-aws S3Bucket block for s3:// refs.")
+    storage_retry_window_s: float = Field(
+        default=30.0, ge=0, description="How long an S3 read or write is retried before the write is spooled."
+    )
     prices_file: Path | None = Field(
         default=None, description="A JSON file of extra or overriding prices, same shape as prices.json."
     )

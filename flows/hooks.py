@@ -12,22 +12,19 @@ from factory.errors import FactoryError
 from factory.eventlog import EventLog
 from factory.models import Event, JobStatus, StopReason
 from factory.preflight import log_path_for
-from factory.settings import get_settings
-from factory.storage import LocalStorage
+from factory.storage import get_storage
 
 
 async def _close_log(flow_run: Any, status: JobStatus, stop: StopReason | None, note: str) -> None:
     params = flow_run.parameters or {}
     job_id = params.get("job_id") or str(flow_run.id)
-    storage = LocalStorage(get_settings().root)
+    storage = get_storage()
     try:
-        path = log_path_for(job_id, params.get("log_ref"), storage)
+        location = log_path_for(job_id, params.get("log_ref"), storage)
+        log = await EventLog.open(storage, location, job_id)
     except FactoryError:
-        return  # the run was refused before it had a log
-    if not path.exists():
-        return
-    log = await EventLog.open(storage, path, job_id)
-    if log.completed:
+        return  # the run was refused before it had a log, or its store is unreachable
+    if not log.events or log.completed:
         return
     if stop is StopReason.ERROR:
         await log.emit(Event.JOB_ERROR, stop_reason=stop.value, detail=note)

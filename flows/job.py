@@ -16,12 +16,13 @@ from prefect import flow, runtime
 from prefect.logging import get_run_logger
 
 from blocks.credentials import require_api_key
+from factory.errors import StorageError
 from factory.eventlog import EventLog
 from factory.models import (Event, FunctionType, JobId, JobInput, JobResult, Limits, ModelName, Objective, Ref,
                             Seed, utcnow)
 from factory.preflight import plan_job
 from factory.settings import get_settings
-from factory.storage import LocalStorage
+from factory.storage import get_storage
 from flows.hooks import record_cancellation, record_crash
 from flows.loop import JobRun
 
@@ -57,7 +58,7 @@ async def factory(
     """
     created_at = utcnow()
     settings = get_settings()
-    storage = LocalStorage(settings.root)
+    storage = get_storage()
     job = JobInput(
         seed=seed, objective=objective, function=function, job_id=job_id or str(runtime.flow_run.id),
         input_refs=input_refs, output_ref=output_ref, log_ref=log_ref, limits=limits,
@@ -69,12 +70,18 @@ async def factory(
     logger = get_run_logger()
     for warning in plan.warnings:
         logger.warning(warning)
+    try:
+        if uploaded := await storage.drain_spool():
+            logger.info("Uploaded %d object(s) spooled while S3 was unreachable: %s", len(uploaded),
+                        ", ".join(uploaded))
+    except StorageError as exc:
+        logger.warning("Spooled objects in %s could not be uploaded yet: %s", storage.spool, exc)
     log = await EventLog.open(storage, plan.log_path, job.job_id)
     await log.emit(Event.JOB_CREATED, job_id=job.job_id, function=job.function.value,
                    limits=job.limits.model_dump(), input_refs=job.input_refs)
     logger.info("Job %s: executor %s, evaluator %s, budget $%.2f; log at %s", job.job_id, plan.executor.name,
-                plan.evaluator.name, job.limits.budget_usd, plan.log_path)
+                plan.evaluator.name, job.limits.budget_usd, plan.log_path.ref)
     result = await JobRun(plan=plan, settings=settings, log=log, created_at=created_at).run()
     logger.info("Job %s %s (%s) after %d iteration(s), $%.6f; result at %s", job.job_id, result.status.value,
-                result.stop_reason.value, result.total_iterations, result.total_cost_usd, plan.result_path)
+                result.stop_reason.value, result.total_iterations, result.total_cost_usd, plan.result_path.ref)
     return result

@@ -24,7 +24,7 @@ from factory.prompts import (EVALUATOR_SYSTEM, EXECUTOR_SYSTEM, REPAIR_INSTRUCTI
                              VERDICT_TOOL, VERDICT_TOOL_DESCRIPTION, evaluator_prompt, executor_prompt)
 from factory.providers import DRY_RUN_MODEL, ChatRequest, Message
 from factory.settings import FactorySettings
-from factory.storage import LocalStorage
+from factory.storage import get_storage
 from factory.verdict import UnreadableVerdict, parse_verdict, unjudged_verdict, unparseable_verdict
 from tasks.calls import CallResult
 from tasks.evaluate import evaluate_artifact
@@ -85,8 +85,8 @@ class JobRun:
             raise
         result = await self._finish(stop, started_at, error)
         if stop is StopReason.ERROR:
-            raise JobFailed(f"job {result.job_id} failed: {error.rstrip('.')}. Result: {self.plan.result_path}; "
-                            f"log: {self.plan.log_path}")
+            raise JobFailed(f"job {result.job_id} failed: {error.rstrip('.')}. Result: {self.plan.result_path.ref}; "
+                            f"log: {self.plan.log_path.ref}")
         return result
 
     async def _loop(self) -> StopReason:
@@ -113,18 +113,18 @@ class JobRun:
                               max_tokens=self.settings.executor_max_tokens)
         generated = await self._call(self.generate, Event.EXECUTOR_CALL, n, "executor", self.plan.executor, request)
         text, extension = render(self.plan.job.function, generated.reply.text)
-        path = self.plan.artifact_dir / f"iteration-{n:02d}{extension}"
-        digest = await store_artifact(path, text.encode())
-        await self.log.emit(Event.EXECUTOR_RESPONSE, iteration=n, artifact_ref=str(path), artifact_hash=digest,
+        location = self.plan.artifact_dir.child(f"iteration-{n:02d}{extension}")
+        digest = await store_artifact(location, text.encode())
+        await self.log.emit(Event.EXECUTOR_RESPONSE, iteration=n, artifact_ref=location.ref, artifact_hash=digest,
                             model=generated.reply.model, tokens_used=generated.call.usage.total,
                             cost_usd=float(generated.call.cost_usd), stop_reason=generated.reply.stop_reason)
         try:
             verdict, eval_cost = await self._judge(n, text)
         except (BudgetExceeded, DeadlineExceeded) as exc:
             # The artifact was paid for: keep it in the result, marked as not judged.
-            self._record(n, text, str(path), unjudged_verdict(str(exc)), generated.call.cost_usd, started)
+            self._record(n, text, location.ref, unjudged_verdict(str(exc)), generated.call.cost_usd, started)
             raise
-        done = self._record(n, text, str(path), verdict, generated.call.cost_usd + eval_cost, started)
+        done = self._record(n, text, location.ref, verdict, generated.call.cost_usd + eval_cost, started)
         await self.log.emit(Event.ITERATION_END, iteration=n, converged=verdict.converged,
                             confidence=verdict.confidence, cost_usd=float(done.cost),
                             spent_usd=float(self.budget.spent), duration_ms=done.duration_ms)
@@ -186,7 +186,7 @@ class JobRun:
         if self.plan.final_path is not None and result.final_artifact_ref is not None:
             best = next(i for i in self.iterations if i.artifact_ref == result.final_artifact_ref)
             await store_artifact(self.plan.final_path, best.artifact.encode())
-        await LocalStorage(self.settings.root).write(self.plan.result_path, result.model_dump_json(indent=2).encode())
+        await get_storage().write(self.plan.result_path, result.model_dump_json(indent=2).encode())
         await self.log.emit(Event.JOB_COMPLETED, status=result.status.value, stop_reason=stop.value,
                             total_cost_usd=result.total_cost_usd, total_iterations=result.total_iterations,
                             final_artifact_ref=result.final_artifact_ref, result_ref=str(self.plan.result_path))
@@ -211,6 +211,6 @@ class JobRun:
                                                converged=i.verdict.converged, confidence=i.verdict.confidence,
                                                cost_usd=float(i.cost), artifact_ref=i.artifact_ref)
                                for i in self.iterations],
-            log_ref=str(self.plan.log_path), error=error,
+            log_ref=self.plan.log_path.ref, error=error,
             dry_run=DRY_RUN_MODEL in (self.plan.executor.name, self.plan.evaluator.name),
         )

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import task
 
 from factory.artifacts import sha256
-from factory.settings import get_settings
-from factory.storage import LocalStorage
+from factory.storage import Location, get_storage
 
 
-@task(name="store_artifact", task_run_name="store-{path.name}", retries=2, retry_delay_seconds=1)
-async def store_artifact(path: Path, data: bytes) -> str:
-    """Write `data` atomically to `path` (inside the storage root) and return its sha256.
+@task(name="store_artifact", task_run_name="store-{location.ref}")
+async def store_artifact(location: Location, data: bytes) -> str:
+    """Write `data` to `location` and return its sha256.
+
+    Storage retries transient S3 faults itself (for FACTORY_STORAGE_RETRY_WINDOW_S), so the
+    task does not retry: one layer only.
 
     Raises:
-        StorageError: the write failed after its retries.
+        StorageSpooled: S3 stayed unreachable; the bytes are in the local spool.
+        StorageError: a local write failed.
     """
-    await LocalStorage(get_settings().root).write(path, data)
+    await get_storage().write(location, data)
     return sha256(data)

@@ -27,8 +27,10 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from factory.pricing import price_table  # noqa: E402
 from factory.settings import get_settings  # noqa: E402
+from factory.storage import get_storage  # noqa: E402
 from tests.emulators.llm import API_KEY, OPENAI_KEY, Emulator  # noqa: E402
 from tests.emulators.server import ThreadedServer  # noqa: E402
+from tests.s3server import BUCKET, CREDENTIALS, S3Server  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -51,16 +53,30 @@ def llm(llm_server):
 
 
 @pytest.fixture(scope="session")
+def s3_server():
+    server = S3Server().start()
+    os.environ.update({**CREDENTIALS, "AWS_ENDPOINT_URL_S3": server.url, "FACTORY_S3_BUCKET": BUCKET})
+    server.client().create_bucket(Bucket=BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def prefect_server():
     with prefect_test_harness(server_startup_timeout=60):
         yield
 
 
+def reset_settings() -> None:
+    get_settings.cache_clear()
+    get_storage.cache_clear()
+
+
 @pytest.fixture
 def factory_env(llm, prefect_server):
-    get_settings.cache_clear()
+    reset_settings()
     yield llm
-    get_settings.cache_clear()
+    reset_settings()
 
 
 def billed_cost(emulator: Emulator) -> Decimal:

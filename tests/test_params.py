@@ -15,6 +15,7 @@ from factory.errors import ConfigurationError
 from factory.preflight import plan_model
 from factory.settings import get_settings
 from flows.job import factory
+from tests.conftest import reset_settings
 from tests.helpers import job_params, run_job
 
 
@@ -68,7 +69,8 @@ async def test_deployment_refuses_missing_seed(deployment):
 PREFLIGHT = [
     ({"output_ref": "/etc/factory-out"}, "output_ref", "outside the storage root"),
     ({"log_ref": "../../escape/log.json"}, "log_ref", "outside the storage root"),
-    ({"output_ref": "s3://bucket/out/"}, "output_ref", "'s3://' scheme"),
+    ({"output_ref": "gs://bucket/out/"}, "output_ref", "'gs://' scheme"),
+    ({"output_ref": "s3:///out/"}, "output_ref", "names no bucket"),
     ({"executor_model": "claude-unpriced-9"}, "executor_model", "no price is known"),
     ({"evaluator_model": "mystery-model"}, "evaluator_model", "cannot tell which provider"),
     ({"executor_model": "claude-mythos-preview"}, "executor_model", "retired on 2026-06-30"),
@@ -88,7 +90,7 @@ async def test_preflight_refuses_before_any_call(factory_env, overrides, field, 
 
 async def test_configured_price_admits_an_unpriced_model(factory_env, monkeypatch):
     monkeypatch.setenv("FACTORY_PRICES", '{"openai:local-llama": {"input": 0.5, "output": 1.5}}')
-    get_settings.cache_clear()
+    reset_settings()
     state = await run_job(executor_model="openai:local-llama", evaluator_model="dry-run")
     assert state.is_completed()
     assert factory_env.requests[0]["body"]["model"] == "local-llama"

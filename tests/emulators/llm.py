@@ -52,6 +52,7 @@ class Script:
     fault_seed: int = 7
     hang_s: float = 3600.0
     cached_tokens: int = 0  # reported as cache reads on OpenAI / Anthropic
+    on_request: Any = None  # called with each request's index before it is answered
 
 
 class Emulator:
@@ -93,6 +94,8 @@ class Emulator:
     async def _prelude(self, request: Request, api: str) -> tuple[dict[str, Any], Response | None]:
         body = await request.json()
         self.requests.append({"api": api, "body": body, "headers": dict(request.headers)})
+        if self.script.on_request is not None:
+            await asyncio.to_thread(self.script.on_request, len(self.requests) - 1)
         if self.script.latency_s:
             await asyncio.sleep(self.script.latency_s)
         fault = self._next_fault()

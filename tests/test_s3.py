@@ -1,0 +1,151 @@
+"""Artifacts, logs, inputs and results in a real S3-compatible server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK, temporary_settings
+
+from blocks.register import RESULTS_BLOCK, RESULTS_FOLDER, register
+from factory.models import JobResult, StopReason
+from tests.conftest import reset_settings
+from tests.emulators.llm import Script
+from tests.helpers import DONE, NOT_YET, run_job
+from tests.s3server import BUCKET
+
+
+@pytest.fixture
+async def s3_env(factory_env, s3_server, monkeypatch):
+    monkeypatch.setenv("FACTORY_STORAGE_RETRY_WINDOW_S", "2")
+    reset_settings()
+    saved = await register()
+    assert {"factory-aws", "factory-s3", RESULTS_BLOCK} <= set(saved)
+    yield factory_env, s3_server
+    if s3_server._server is None:
+        s3_server.start()
+    reset_settings()
+
+
+def s3_object(server, key: str) -> tuple[bytes, str]:
+    obj = server.client().get_object(Bucket=BUCKET, Key=key)
+    return obj["Body"].read(), obj["ContentType"]
+
+
+def events(server, key: str) -> list[str]:
+    return [e["event"] for e in json.loads(s3_object(server, key)[0])["events"]]
+
+
+async def test_artifacts_and_log_land_in_s3_with_content_types(s3_env):
+    llm, s3 = s3_env
+    llm.reset(Script(verdicts=[NOT_YET, DONE]))
+    prefix = f"s3://{BUCKET}/jobs/s3-1"
+    result: JobResult = await (await run_job(job_id="s3-1", output_ref=f"{prefix}/", log_ref=f"{prefix}/log.json")).result()
+    assert result.stop_reason is StopReason.CONFORMITY
+    assert result.final_artifact_ref == f"{prefix}/iteration-02.md"
+    body, kind = s3_object(s3, "jobs/s3-1/iteration-01.md")
+    assert body == b"Draft 1: an artifact." and kind.startswith("text/markdown")
+    log, kind = s3_object(s3, "jobs/s3-1/log.json")
+    assert kind == "application/json"
+    assert events(s3, "jobs/s3-1/log.json")[-1] == "JOB_COMPLETED"
+
+
+async def test_code_and_final_file_ref(s3_env):
+    llm, s3 = s3_env
+    llm.reset(Script(executor=["Here you go:\n```python\nprint('hi')\n```\nEnjoy."], verdicts=[DONE]))
+    result: JobResult = await (await run_job(job_id="s3-code", function="CODE_GENERATION",
+                                             output_ref=f"s3://{BUCKET}/code/hello.py")).result()
+    assert result.final_artifact_ref == f"s3://{BUCKET}/code/hello-iterations/iteration-01.py"
+    body, kind = s3_object(s3, "code/hello.py")
+    assert body == b"print('hi')\n" and kind.startswith("text/x-python")
+
+
+async def test_s3_input_ref_reaches_the_executor_and_a_missing_one_costs_nothing(s3_env):
+    llm, s3 = s3_env
+    s3.client().put_object(Bucket=BUCKET, Key="inputs/brief.txt", Body=b"The river is called Lethe.")
+    llm.reset(Script(verdicts=[DONE]))
+    state = await run_job(input_refs=[f"s3://{BUCKET}/inputs/brief.txt"])
+    assert state.is_completed()
+    assert "The river is called Lethe." in llm.requests[0]["body"]["messages"][0]["content"]
+
+    llm.reset()
+    state = await run_job(input_refs=[f"s3://{BUCKET}/inputs/missing.txt"])
+    assert state.is_failed() and "`input_refs[0]`" in state.message and "missing.txt" in state.message
+    assert llm.requests == []
+
+
+async def test_s3_down_for_a_few_seconds_is_survived(s3_env, monkeypatch):
+    llm, s3 = s3_env
+    monkeypatch.setenv("FACTORY_STORAGE_RETRY_WINDOW_S", "20")
+    reset_settings()
+
+    def outage(index: int) -> None:
+        if index == 0:
+            s3.stop()
+            threading.Timer(3.0, s3.start).start()
+
+    llm.reset(Script(verdicts=[DONE], on_request=outage))
+    started = time.monotonic()
+    result: JobResult = await (await run_job(job_id="s3-outage", output_ref=f"s3://{BUCKET}/outage/")).result()
+    assert result.stop_reason is StopReason.CONFORMITY
+    assert time.monotonic() - started >= 2.5, "the outage should have been waited out"
+    assert s3_object(s3, "outage/iteration-01.md")[0] == b"Draft 1: an artifact."
+
+
+async def test_s3_down_for_good_spools_and_a_rerun_uploads_without_model_calls(s3_env, storage_root):
+    llm, s3 = s3_env
+    prefix = f"s3://{BUCKET}/spool-job"
+
+    def outage(index: int) -> None:
+        if index == 3:  # the last evaluator call: everything after it must be stored somewhere
+            s3.stop()
+
+    llm.reset(Script(verdicts=[NOT_YET, DONE], on_request=outage))
+    params = {"job_id": "spool-1", "output_ref": f"{prefix}/", "log_ref": f"{prefix}/log.json"}
+    failed = await run_job(**params)
+    assert failed.is_failed()
+    spool = storage_root / ".spool" / BUCKET / "spool-job"
+    assert str(storage_root / ".spool") in failed.message and "Re-run the job" in failed.message
+    assert (spool / "log.json").exists()
+    assert json.loads((spool / "log.json").read_text())["events"][-1]["event"] == "JOB_COMPLETED"
+    calls = len(llm.requests)
+
+    s3.start()
+    result: JobResult = await (await run_job(**params)).result()
+    assert len(llm.requests) == calls, "the re-run must not pay for anything again"
+    assert result.stop_reason is StopReason.CONFORMITY
+    assert not any(p.is_file() for p in (storage_root / ".spool").rglob("*"))
+    assert events(s3, "spool-job/log.json")[-1] == "JOB_COMPLETED"
+    assert s3_object(s3, "spool-job/iteration-02.md")[0] == b"Draft 2: an artifact."
+
+
+async def test_job_result_is_readable_from_s3_in_another_process(s3_env, tmp_path):
+    llm, s3 = s3_env
+    llm.reset(Script(verdicts=[DONE]))
+    with temporary_settings(updates={PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK: f"s3-bucket/{RESULTS_BLOCK}"}):
+        state = await run_job(job_id="s3-result")
+    assert state.is_completed()
+    stored = s3.client().list_objects_v2(Bucket=BUCKET, Prefix=f"{RESULTS_FOLDER}/").get("KeyCount", 0)
+    assert stored >= 3, "the flow result and both task results should be in S3"
+    reader = (
+        "import asyncio, sys\n"
+        "from prefect.client.orchestration import get_client\n"
+        "async def main():\n"
+        "    async with get_client() as client:\n"
+        "        run = await client.read_flow_run(sys.argv[1])\n"
+        "    result = await run.state.aresult()\n"
+        "    print(result.job_id, result.status.value, result.total_cost_usd)\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp_path),
+           "FACTORY_STORAGE_ROOT": str(tmp_path / "elsewhere")}
+    out = subprocess.run([sys.executable, "-c", reader, str(state.state_details.flow_run_id)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    job_id, status, cost = out.stdout.split()
+    assert (job_id, status) == ("s3-result", "CONVERGED") and float(cost) > 0
