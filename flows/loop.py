@@ -26,6 +26,7 @@ from factory.providers import DRY_RUN_MODEL, ChatRequest, Message
 from factory.settings import FactorySettings
 from factory.storage import get_storage
 from factory.verdict import UnreadableVerdict, parse_verdict, unjudged_verdict, unparseable_verdict
+from flows.report import JobReport
 from tasks.calls import CallResult
 from tasks.evaluate import evaluate_artifact
 from tasks.generate import generate_artifact
@@ -65,6 +66,7 @@ class JobRun:
         options = retry_options()
         self.generate = generate_artifact.with_options(**options)
         self.evaluate = evaluate_artifact.with_options(**options)
+        self.report = JobReport(self.plan.job.job_id, self.plan.job.function, self.plan.job.limits)
 
     async def run(self) -> JobResult:
         """Iterate until a stop reason, then write the result and close the log."""
@@ -125,6 +127,8 @@ class JobRun:
             self._record(n, text, location.ref, unjudged_verdict(str(exc)), generated.call.cost_usd, started)
             raise
         done = self._record(n, text, location.ref, verdict, generated.call.cost_usd + eval_cost, started)
+        await self.report.iteration(n, text, location.ref, extension, verdict, done.cost, self.budget.spent,
+                                    done.duration_ms)
         await self.log.emit(Event.ITERATION_END, iteration=n, converged=verdict.converged,
                             confidence=verdict.confidence, cost_usd=float(done.cost),
                             spent_usd=float(self.budget.spent), duration_ms=done.duration_ms)
@@ -171,7 +175,9 @@ class JobRun:
 
     async def _call(self, task, event: Event, n: int, role: str, model: ModelPlan, request: ChatRequest) -> CallResult:
         worst = model.price.worst_case(request.input_token_bound(), request.max_tokens)
-        self.budget.check(worst, f"the {role} call of iteration {n}")
+        what = f"the {role} call of iteration {n}"
+        await self.report.budget(self.budget.spent, worst, what)
+        self.budget.check(worst, what)
         await self.log.emit(event, iteration=n, role=role, model=model.name, worst_case_usd=float(worst))
         result: CallResult = await task(self.plan.job.job_id, n, role, model.provider, request, model.price,
                                         self.deadline)
@@ -189,7 +195,9 @@ class JobRun:
         await get_storage().write(self.plan.result_path, result.model_dump_json(indent=2).encode())
         await self.log.emit(Event.JOB_COMPLETED, status=result.status.value, stop_reason=stop.value,
                             total_cost_usd=result.total_cost_usd, total_iterations=result.total_iterations,
-                            final_artifact_ref=result.final_artifact_ref, result_ref=str(self.plan.result_path))
+                            final_artifact_ref=result.final_artifact_ref, result_ref=self.plan.result_path.ref)
+        await self.report.budget(self.budget.spent, None, None)
+        await self.report.summary(result)
         return result
 
     def _result(self, stop: StopReason, started_at, error: str | None) -> JobResult:

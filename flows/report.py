@@ -1,0 +1,103 @@
+"""What a person sees of a job in the Prefect UI: artifacts, keyed per job so re-runs add versions.
+
+Keys: `factory-<job>-iteration-<n>` (markdown: artifact, verdict, cost), `factory-<job>-iterations`
+(table), `factory-<job>-budget` (markdown, a new version after every call), `factory-<job>-progress`
+(progress), `factory-<job>-summary` (markdown JobResult).
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+
+from prefect.artifacts import (acreate_markdown_artifact, acreate_progress_artifact, acreate_table_artifact,
+                               aupdate_progress_artifact)
+
+from factory.models import FunctionType, JobResult, Limits, Verdict
+
+MAX_INLINE_CHARS = 4000
+
+
+def artifact_key(job_id: str, name: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) for one of a job's artifacts."""
+    slug = re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", job_id.lower())).strip("-")
+    return f"factory-{slug}-{name}"
+
+
+def fenced(text: str, language: str = "") -> str:
+    """Text in a code fence longer than any run of backticks inside it."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text}\n{fence}"
+
+
+def _bullets(items: list[str]) -> str:
+    return "\n".join(f"- {item}" for item in items) if items else "_none_"
+
+
+class JobReport:
+    def __init__(self, job_id: str, function: FunctionType, limits: Limits) -> None:
+        self.job_id = job_id
+        self.function = function
+        self.limits = limits
+        self.rows: list[dict] = []
+        self._progress_id = None
+
+    async def iteration(self, n: int, artifact: str, ref: str, extension: str, verdict: Verdict, cost: Decimal,
+                        spent: Decimal, duration_ms: int) -> None:
+        shown = artifact[:MAX_INLINE_CHARS]
+        if len(artifact) > MAX_INLINE_CHARS:
+            shown += f"\n... {len(artifact) - MAX_INLINE_CHARS} more characters in the full file"
+        language = extension.lstrip(".") if self.function is FunctionType.CODE_GENERATION else "markdown"
+        state = "converged" if verdict.converged else "not converged"
+        markdown = "\n\n".join([
+            f"# Iteration {n} of job `{self.job_id}`",
+            f"**Verdict:** {state}, confidence {verdict.confidence:.2f}"
+            + (f" (**{verdict.parse_error}**)" if verdict.parse_error else ""),
+            f"**Cost:** ${cost:.6f} (job so far ${spent:.6f}) · **Duration:** {duration_ms / 1000:.1f} s",
+            f"**Artifact:** `{ref}`",
+            "## Strengths\n" + _bullets(verdict.strengths),
+            "## Weaknesses\n" + _bullets(verdict.weaknesses),
+            "## Feedback for the executor\n" + (verdict.feedback_for_executor or "_none_"),
+            "## Artifact\n" + fenced(shown, language),
+        ])
+        await acreate_markdown_artifact(markdown, key=artifact_key(self.job_id, f"iteration-{n}"),
+                                        description=f"Iteration {n}: {state}, confidence {verdict.confidence:.2f}")
+        self.rows.append({"n": n, "converged": verdict.converged, "confidence": round(verdict.confidence, 4),
+                          "cost_usd": float(cost), "cumulative_usd": float(spent),
+                          "duration_s": round(duration_ms / 1000, 2), "artifact_ref": ref})
+        await acreate_table_artifact(self.rows, key=artifact_key(self.job_id, "iterations"),
+                                     description=f"Iterations of job {self.job_id}")
+        await self.progress(n, spent)
+
+    async def budget(self, spent: Decimal, next_worst: Decimal | None, next_call: str | None) -> None:
+        limit = Decimal(str(self.limits.budget_usd))
+        lines = ["| spent | limit | remaining | worst case of the next call |", "|---|---|---|---|",
+                 f"| ${spent:.6f} | ${limit:.2f} | ${limit - spent:.6f} | "
+                 + (f"${next_worst:.6f} ({next_call})" if next_worst is not None else "none: the job has stopped")
+                 + " |"]
+        await acreate_markdown_artifact(f"# Budget of job `{self.job_id}`\n\n" + "\n".join(lines),
+                                        key=artifact_key(self.job_id, "budget"),
+                                        description=f"${spent:.4f} of ${limit:.2f} spent")
+
+    async def progress(self, iterations: int, spent: Decimal) -> None:
+        """Iterations over max_cycles, or budget share, whichever is closer to the end, in percent."""
+        share = max(iterations / self.limits.max_cycles, float(spent) / self.limits.budget_usd)
+        percent = min(100.0, round(share * 100, 1))
+        description = f"{iterations}/{self.limits.max_cycles} iterations, ${float(spent):.4f} spent"
+        if self._progress_id is None:
+            self._progress_id = await acreate_progress_artifact(
+                percent, key=artifact_key(self.job_id, "progress"), description=description)
+        else:
+            await aupdate_progress_artifact(self._progress_id, percent, description=description)
+
+    async def summary(self, result: JobResult) -> None:
+        if self._progress_id is not None and result.converged:
+            await aupdate_progress_artifact(self._progress_id, 100.0, description="converged")
+        head = (f"# Job `{result.job_id}`: {result.status.value} ({result.stop_reason.value})\n\n"
+                f"{result.total_iterations} iteration(s), ${result.total_cost_usd:.6f}, "
+                f"{result.total_duration_ms / 1000:.1f} s. Final artifact: `{result.final_artifact_ref}`"
+                + (f"\n\n**Error:** {result.error}" if result.error else ""))
+        await acreate_markdown_artifact(head + "\n\n## JobResult\n" + fenced(result.model_dump_json(indent=2), "json"),
+                                        key=artifact_key(result.job_id, "summary"),
+                                        description=f"{result.status.value}: {result.stop_reason.value}")
