@@ -49,6 +49,10 @@ class Location:
         return Location(ref=f"s3://{self.bucket}/{key}", bucket=self.bucket, key=key)
 
     @property
+    def name(self) -> str:
+        return PurePosixPath(self.path.name if self.path else self.key or "").name
+
+    @property
     def suffix(self) -> str:
         return PurePosixPath(self.path.name if self.path else self.key or "").suffix
 

@@ -8,7 +8,7 @@ from factory.artifacts import sha256
 from factory.storage import Location, get_storage
 
 
-@task(name="store_artifact", task_run_name="store-{location.ref}")
+@task(name="store_artifact", task_run_name="store-{location.name}")
 async def store_artifact(location: Location, data: bytes) -> str:
     """Write `data` to `location` and return its sha256.
 

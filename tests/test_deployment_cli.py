@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.browser import Browser
 from tests.emulators.llm import Script
 from tests.emulators.server import free_port
 from tests.helpers import DONE, NOT_YET, read_log
@@ -26,7 +27,7 @@ def served(llm_server, tmp_path_factory):
     storage = tmp_path_factory.mktemp("cli-storage")
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url,
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url, "PREFECT_UI_API_URL": api_url,
            "FACTORY_STORAGE_ROOT": str(storage), "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     server = Background([prefect_bin(), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
@@ -98,3 +99,24 @@ def test_cancelling_a_run_ends_the_job_cancelled_with_a_complete_log(served, llm
     calls_at_cancel = len(llm_server.requests)
     time.sleep(3)
     assert len(llm_server.requests) == calls_at_cancel, "no call may be made after the cancel"
+
+
+@pytest.mark.browser
+async def test_prefect_ui_shows_the_jobs_artifacts(served, tmp_path):
+    params = {"seed": "Write a haiku.", "objective": "A haiku.", "job_id": "ui-job-1",
+              "executor_model": "dry-run", "evaluator_model": "dry-run"}
+    run = run_cli(["deployment", "run", "factory/job", "--params", json.dumps(params), "--watch"], served["env"],
+                  timeout_s=240)
+    assert run.returncode == 0, run.stdout + run.stderr
+    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+    ui = served["api_url"].removesuffix("/api")
+    async with Browser() as browser:
+        await browser.goto(f"{ui}/runs/flow-run/{flow_run_id}")
+        await browser.wait_for_text("Artifacts")
+        await browser.click_text(".p-tab", "Artifacts")
+        page = await browser.wait_for_text("factory-ui-job-1-summary")
+        await browser.screenshot(tmp_path / "flow-run-artifacts.png")
+    for key in ("iteration-1", "iteration-2", "iterations", "budget", "progress"):
+        assert f"factory-ui-job-1-{key}" in page
+    assert "CONVERGED: CONFORMITY" in page and "Completed" in page
+    assert (tmp_path / "flow-run-artifacts.png").stat().st_size > 10_000

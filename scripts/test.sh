@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Run the whole test suite on a fresh machine: installs what the tests need, then pytest.
+#   ./scripts/test.sh [pytest args]      e.g. ./scripts/test.sh -m browser
+# Needs Python 3.11+ and, for the Prefect UI test, Debian's `chromium` (installed here with apt-get
+# when missing and running as root). The benchmark, not the suite, uses PostgreSQL.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
+uv sync --frozen --quiet
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "Installing Debian's chromium for the Prefect UI test..."
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+fi
+exec uv run --frozen pytest "$@"
