@@ -52,7 +52,7 @@ async def bare_loop(iterations: int) -> float:
     job, artifact, verdict = params(iterations), None, None
     started = time.perf_counter()
     for _ in range(iterations):
-        prompt = executor_prompt(job["seed"], FunctionType.TEXT_GENERATION, [], artifact,
+        prompt = executor_prompt(job["seed"], FunctionType.TEXT_GENERATION, [], [], artifact,
                                  verdict.feedback_for_executor if verdict else None,
                                  verdict.strengths if verdict else [], verdict.weaknesses if verdict else [])
         reply = await provider.complete(ChatRequest(model="claude-sonnet-5-5", system=EXECUTOR_SYSTEM,

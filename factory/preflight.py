@@ -6,18 +6,36 @@ naming the field to fix.
 
 from __future__ import annotations
 
+import base64
 import re
 from datetime import date, datetime
 
 from factory.errors import ConfigurationError, StorageError
 from factory.models import TEXT_FUNCTIONS, JobInput, StrictModel
 from factory.pricing import Price, price_for
-from factory.providers import api_model, provider_name
+from factory.providers import ImagePart, api_model, provider_name
 from factory.settings import FactorySettings
 from factory.storage import Location, Storage
 
 RETIREMENT_WARNING_DAYS = 30
 MAX_INPUT_REF_BYTES = 1_000_000
+MAX_INPUT_IMAGE_BYTES = 5_000_000  # Anthropic's per-image limit
+IMAGE_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF87a": "image/gif",
+                    b"GIF89a": "image/gif"}
+
+
+class InputRef(StrictModel):
+    """One of `input_refs`, read: text for the prompt, or an image to attach."""
+
+    ref: str
+    text: str | None = None
+    image: ImagePart | None = None
+
+
+def image_type(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((kind for magic, kind in IMAGE_SIGNATURES.items() if data.startswith(magic)), None)
 
 
 class ModelPlan(StrictModel):
@@ -35,7 +53,7 @@ class JobPlan(StrictModel):
     final_path: Location | None
     log_path: Location
     result_path: Location
-    context: list[tuple[str, str]]
+    inputs: list[InputRef]
     warnings: list[str]
 
 
@@ -82,7 +100,7 @@ async def plan_job(job: JobInput, settings: FactorySettings, storage: Storage, t
     log_path = log_path_for(job.job_id, job.log_ref, storage)
     return JobPlan(
         job=job, executor=executor, evaluator=evaluator, artifact_dir=artifact_dir, final_path=final_path,
-        log_path=log_path, result_path=job_dir.child("result.json"), context=await _read_inputs(job, storage),
+        log_path=log_path, result_path=job_dir.child("result.json"), inputs=await _read_inputs(job, storage),
         warnings=warnings,
     )
 
@@ -101,8 +119,8 @@ def _output_paths(job: JobInput, storage: Storage, job_dir: Location) -> tuple[L
     return location, None
 
 
-async def _read_inputs(job: JobInput, storage: Storage) -> list[tuple[str, str]]:
-    context = []
+async def _read_inputs(job: JobInput, storage: Storage) -> list[InputRef]:
+    inputs = []
     for index, ref in enumerate(job.input_refs):
         field = f"input_refs[{index}]"
         location = storage.resolve(ref, field)
@@ -110,10 +128,18 @@ async def _read_inputs(job: JobInput, storage: Storage) -> list[tuple[str, str]]
             data = await storage.read(location)
         except StorageError as exc:
             raise ConfigurationError(field, f"'{ref}' cannot be read ({exc}); nothing was spent.") from exc
-        if len(data) > MAX_INPUT_REF_BYTES:
-            raise ConfigurationError(field, f"'{ref}' is {len(data)} bytes; at most {MAX_INPUT_REF_BYTES} are read.")
-        try:
-            context.append((ref, data.decode()))
-        except UnicodeDecodeError as exc:
-            raise ConfigurationError(field, f"'{ref}' is not UTF-8 text; only text input refs are read.") from exc
-    return context
+        inputs.append(_input_ref(ref, field, data))
+    return inputs
+
+
+def _input_ref(ref: str, field: str, data: bytes) -> InputRef:
+    if kind := image_type(data):
+        if len(data) > MAX_INPUT_IMAGE_BYTES:
+            raise ConfigurationError(field, f"'{ref}' is a {len(data)}-byte image; at most {MAX_INPUT_IMAGE_BYTES}.")
+        return InputRef(ref=ref, image=ImagePart(media_type=kind, data=base64.b64encode(data).decode()))
+    if len(data) > MAX_INPUT_REF_BYTES:
+        raise ConfigurationError(field, f"'{ref}' is {len(data)} bytes; at most {MAX_INPUT_REF_BYTES} are read.")
+    try:
+        return InputRef(ref=ref, text=data.decode())
+    except UnicodeDecodeError as exc:
+        raise ConfigurationError(field, f"'{ref}' is neither UTF-8 text nor a PNG, JPEG, GIF or WebP image.") from exc

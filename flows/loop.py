@@ -22,7 +22,7 @@ from factory.models import (CallRecord, Event, IterationDetail, JobResult, StopR
 from factory.preflight import JobPlan, ModelPlan
 from factory.prompts import (EVALUATOR_SYSTEM, EXECUTOR_SYSTEM, REPAIR_INSTRUCTION, VERDICT_SCHEMA,
                              VERDICT_TOOL, VERDICT_TOOL_DESCRIPTION, evaluator_prompt, executor_prompt)
-from factory.providers import DRY_RUN_MODEL, ChatRequest, Message
+from factory.providers import DRY_RUN_MODEL, ChatRequest, Message, TextPart
 from factory.settings import FactorySettings
 from factory.storage import get_storage
 from factory.verdict import UnreadableVerdict, parse_verdict, unjudged_verdict, unparseable_verdict
@@ -106,12 +106,16 @@ class JobRun:
         started = time.perf_counter()
         await self.log.emit(Event.ITERATION_START, iteration=n, spent_usd=float(self.budget.spent))
         previous = self.iterations[-1] if self.iterations else None
+        inputs = self.plan.inputs
         prompt = executor_prompt(
-            self.plan.job.seed, self.plan.job.function, self.plan.context,
+            self.plan.job.seed, self.plan.job.function, [(i.ref, i.text) for i in inputs if i.text is not None],
+            [i.ref for i in inputs if i.image is not None],
             previous.artifact if previous else None, previous.verdict.feedback_for_executor if previous else None,
             previous.verdict.strengths if previous else [], previous.verdict.weaknesses if previous else [])
+        images = [i.image for i in inputs if i.image is not None]
+        content = [*images, TextPart(text=prompt)] if images else prompt  # images first, as Anthropic advises
         request = ChatRequest(model=self.plan.executor.api_name, system=EXECUTOR_SYSTEM,
-                              messages=[Message(role="user", content=prompt)],
+                              messages=[Message(role="user", content=content)],
                               max_tokens=self.settings.executor_max_tokens)
         generated = await self._call(self.generate, Event.EXECUTOR_CALL, n, "executor", self.plan.executor, request)
         text, extension = render(self.plan.job.function, generated.reply.text)

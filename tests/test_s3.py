@@ -149,3 +149,26 @@ async def test_job_result_is_readable_from_s3_in_another_process(s3_env, tmp_pat
     assert out.returncode == 0, out.stderr[-3000:]
     job_id, status, cost = out.stdout.split()
     assert (job_id, status) == ("s3-result", "CONVERGED") and float(cost) > 0
+
+
+PNG = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00\x1f\x15\xc4\x89"
+       b"\x00\x00\x00\rIDATx\x9cc\xf8\xff\xff?\x00\x05\xfe\x02\xfe\xa7V\xbd\xfa\x00\x00\x00\x00IEND\xaeB`\x82")
+
+
+async def test_image_input_ref_goes_to_the_model_as_an_image(s3_env):
+    llm, s3 = s3_env
+    s3.client().put_object(Bucket=BUCKET, Key="inputs/dot.png", Body=PNG)
+    llm.reset(Script(verdicts=[DONE]))
+    state = await run_job(input_refs=[f"s3://{BUCKET}/inputs/dot.png"])
+    assert state.is_completed(), state.message
+    content = llm.requests[0]["body"]["messages"][0]["content"]
+    assert content[0]["type"] == "image" and content[0]["source"]["media_type"] == "image/png"
+    assert __import__("base64").b64decode(content[0]["source"]["data"]) == PNG
+    assert "inputs/dot.png" in content[1]["text"]
+
+    llm.reset(Script(verdicts=[DONE]))
+    state = await run_job(input_refs=[f"s3://{BUCKET}/inputs/dot.png"], executor_model="gpt-5.4-mini",
+                          evaluator_model="gpt-5.4-mini")
+    assert state.is_completed(), state.message
+    part = llm.requests[0]["body"]["messages"][1]["content"][0]
+    assert part["type"] == "image_url" and part["image_url"]["url"].startswith("data:image/png;base64,")

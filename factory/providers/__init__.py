@@ -12,10 +12,10 @@ import re
 from pydantic import SecretStr
 
 from factory.errors import ConfigurationError
-from factory.providers.base import ChatReply, ChatRequest, Message, Provider
+from factory.providers.base import ChatReply, ChatRequest, ImagePart, Message, Provider, TextPart
 from factory.providers.dryrun import DRY_RUN_MODEL, DryRunProvider
 
-__all__ = ["ChatReply", "ChatRequest", "Message", "Provider", "DRY_RUN_MODEL", "provider_name", "api_model",
+__all__ = ["ChatReply", "ChatRequest", "ImagePart", "Message", "Provider", "TextPart", "DRY_RUN_MODEL", "provider_name", "api_model",
            "make_provider"]
 
 _OPENAI_NAMES = re.compile(r"^(gpt-|chatgpt-|o\d)")

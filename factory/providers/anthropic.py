@@ -9,7 +9,7 @@ import pydantic
 from pydantic import SecretStr
 
 from factory.models import Usage
-from factory.providers.base import ChatReply, ChatRequest, Provider, translate_sdk_error
+from factory.providers.base import ChatReply, ChatRequest, ImagePart, Message, Provider, translate_sdk_error
 
 # Models that answer 400 to a forced `tool_choice` ("tool" or "any"): they get the tool with
 # `auto` and an instruction to call it; a reply without the call goes to the repair path.
@@ -32,7 +32,7 @@ class AnthropicProvider(Provider):
             "model": request.model,
             "max_tokens": request.max_tokens,
             "system": request.system,
-            "messages": [m.model_dump() for m in request.messages],
+            "messages": [{"role": m.role, "content": _content(m)} for m in request.messages],
         }
         if request.response_schema is not None:
             kwargs["tools"] = [{
@@ -47,6 +47,13 @@ class AnthropicProvider(Provider):
         except (anthropic.AnthropicError, json.JSONDecodeError, pydantic.ValidationError) as exc:
             raise translate_sdk_error(exc, request.model, anthropic) from exc
         return _reply(message, request)
+
+
+def _content(message: Message) -> str | list[dict]:
+    if isinstance(message.content, str):
+        return message.content
+    return [{"type": "image", "source": {"type": "base64", "media_type": p.media_type, "data": p.data}}
+            if isinstance(p, ImagePart) else {"type": "text", "text": p.text} for p in message.content]
 
 
 def _reply(message: anthropic.types.Message, request: ChatRequest) -> ChatReply:

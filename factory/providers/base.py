@@ -27,11 +27,33 @@ from factory.models import StrictModel, Usage
 # Framing a provider adds around each message and the request (roles, separators): counted generously.
 MESSAGE_OVERHEAD_TOKENS = 16
 REQUEST_OVERHEAD_TOKENS = 128
+# The most one image can be billed as input: Anthropic resizes to at most ~1.15 MP (~1,600 tokens; ~4,800 on
+# high-resolution models), OpenAI's high detail stays under ~2,500. Doubled for safety.
+IMAGE_TOKEN_BOUND = 10_000
+
+
+class TextPart(StrictModel):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ImagePart(StrictModel):
+    type: Literal["image"] = "image"
+    media_type: Literal["image/png", "image/jpeg", "image/gif", "image/webp"]
+    data: str = Field(description="base64")
 
 
 class Message(StrictModel):
     role: Literal["user", "assistant"]
-    content: str
+    content: str | list[TextPart | ImagePart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def images(self) -> list[ImagePart]:
+        return [] if isinstance(self.content, str) else [p for p in self.content if isinstance(p, ImagePart)]
 
 
 class ChatRequest(StrictModel):
@@ -47,11 +69,12 @@ class ChatRequest(StrictModel):
 
     def input_token_bound(self) -> int:
         """An over-estimate of the input tokens: a token never covers less than one UTF-8 byte."""
-        texts = [self.system, *(m.content for m in self.messages)]
+        texts = [self.system, *(m.text() for m in self.messages)]
         if self.response_schema is not None:
             texts.append(json.dumps(self.response_schema) + self.schema_name + self.schema_description)
+        images = sum(len(m.images()) for m in self.messages)
         return (sum(len(t.encode()) for t in texts) + MESSAGE_OVERHEAD_TOKENS * len(self.messages)
-                + REQUEST_OVERHEAD_TOKENS)
+                + REQUEST_OVERHEAD_TOKENS + IMAGE_TOKEN_BOUND * images)
 
 
 class ChatReply(StrictModel):

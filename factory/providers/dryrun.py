@@ -20,7 +20,7 @@ class DryRunProvider(Provider):
     name = DRY_RUN_MODEL
 
     async def complete(self, request: ChatRequest, *, timeout_s: float) -> ChatReply:
-        prompt = "\n".join(m.content for m in request.messages)
+        prompt = "\n".join(m.text() for m in request.messages)
         seen = [int(n) for n in _DRAFT.findall(prompt)]
         if request.response_schema is not None:
             draft = max(seen, default=0)

@@ -14,7 +14,7 @@ import pydantic
 from pydantic import SecretStr
 
 from factory.models import Usage
-from factory.providers.base import ChatReply, ChatRequest, Provider, translate_sdk_error
+from factory.providers.base import ChatReply, ChatRequest, ImagePart, Message, Provider, translate_sdk_error
 
 
 class OpenAIProvider(Provider):
@@ -33,7 +33,8 @@ class OpenAIProvider(Provider):
         await self._client.close()
 
     async def complete(self, request: ChatRequest, *, timeout_s: float) -> ChatReply:
-        messages = [{"role": "system", "content": request.system}, *(m.model_dump() for m in request.messages)]
+        messages = [{"role": "system", "content": request.system},
+                    *({"role": m.role, "content": _content(m)} for m in request.messages)]
         kwargs: dict = {"model": request.model, "messages": messages}
         kwargs["max_tokens" if self._compatible else "max_completion_tokens"] = request.max_tokens
         if request.response_schema is not None:
@@ -46,6 +47,13 @@ class OpenAIProvider(Provider):
         except (openai.OpenAIError, json.JSONDecodeError, pydantic.ValidationError) as exc:
             raise translate_sdk_error(exc, request.model, openai) from exc
         return _reply(completion, request)
+
+
+def _content(message: Message) -> str | list[dict]:
+    if isinstance(message.content, str):
+        return message.content
+    return [{"type": "image_url", "image_url": {"url": f"data:{p.media_type};base64,{p.data}"}}
+            if isinstance(p, ImagePart) else {"type": "text", "text": p.text} for p in message.content]
 
 
 def _reply(completion, request: ChatRequest) -> ChatReply:
