@@ -1,4 +1,5 @@
-"""State hooks of the `factory` flow: close the event log when Prefect cancels or a crash kills the run.
+"""State hooks of the `factory` flow: close the event log when Prefect cancels the run, a crash kills
+it, or an unexpected error fails it.
 
 They run where Prefect runs them (the worker, after the flow's process ended), so they rebuild
 the log's location from the run's parameters alone.
@@ -37,4 +38,10 @@ async def record_cancellation(flow: Any, flow_run: Any, state: Any) -> None:
 
 async def record_crash(flow: Any, flow_run: Any, state: Any) -> None:
     note = f"the flow run crashed: {state.message or 'no message'}; re-run with the same job_id to resume"
+    await _close_log(flow_run, JobStatus.FAILED, StopReason.ERROR, note)
+
+
+async def record_failure(flow: Any, flow_run: Any, state: Any) -> None:
+    """A failure the loop did not record itself (it records its own before failing the run)."""
+    note = f"the flow run failed: {state.message or 'no message'}; re-run with the same job_id to resume"
     await _close_log(flow_run, JobStatus.FAILED, StopReason.ERROR, note)

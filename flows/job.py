@@ -23,11 +23,12 @@ from factory.models import (Event, FunctionType, JobId, JobInput, JobResult, Lim
 from factory.preflight import plan_job
 from factory.settings import get_settings
 from factory.storage import get_storage
-from flows.hooks import record_cancellation, record_crash
+from flows.hooks import record_cancellation, record_crash, record_failure
 from flows.loop import JobRun
 
 
-@flow(name="factory", persist_result=True, on_cancellation=[record_cancellation], on_crashed=[record_crash])
+@flow(name="factory", persist_result=True, on_cancellation=[record_cancellation], on_crashed=[record_crash],
+      on_failure=[record_failure])
 async def factory(
     seed: Seed,
     objective: Objective,

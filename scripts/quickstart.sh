@@ -34,6 +34,10 @@ if ! healthy; then
   healthy || { echo "The Prefect server did not answer; see $state_dir/server.log" >&2; exit 1; }
 fi
 
+# Later `prefect ...` commands in your shell must reach this server, not start a temporary one.
+prefect config view 2>/dev/null | grep -q "^PREFECT_API_URL=.*(from profile)" \
+  || { prefect config set PREFECT_API_URL="$PREFECT_API_URL" >/dev/null
+       echo "Saved PREFECT_API_URL=$PREFECT_API_URL in your Prefect profile."; }
 prefect work-pool inspect factory-local >/dev/null 2>&1 || prefect work-pool create factory-local --type process
 prefect --no-prompt deploy --all
 uv run --frozen python -m blocks.register

@@ -46,3 +46,16 @@ async def test_api_key_never_appears_in_logs_results_or_files(factory_env, stora
     texts = [log.message for log in logs] + [state.message or ""]
     texts += [p.read_text() for p in (storage_root / "secret-1").rglob("*") if p.is_file()]
     assert not any(API_KEY in text for text in texts)
+
+
+async def test_an_unexpected_failure_still_closes_the_log(factory_env, monkeypatch, storage_root):
+    import flows.loop
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(flows.loop, "render", broken)
+    state = await run_job(job_id="bug-1")
+    assert state.is_failed()
+    names = event_names(storage_root / "bug-1" / "log.json")
+    assert names[-2:] == ["JOB_ERROR", "JOB_COMPLETED"]
