@@ -18,7 +18,9 @@ from factory.settings import FactorySettings
 from factory.storage import Location, Storage
 
 RETIREMENT_WARNING_DAYS = 30
-MAX_INPUT_REF_BYTES = 1_000_000
+# Text refs together: keeps prompts well under the 200K-token mark past which some models bill a
+# long-context rate that prices.json does not carry.
+MAX_INPUT_TEXT_BYTES = 400_000
 MAX_INPUT_IMAGE_BYTES = 5_000_000  # Anthropic's per-image limit
 IMAGE_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF87a": "image/gif",
                     b"GIF89a": "image/gif"}
@@ -129,6 +131,9 @@ async def _read_inputs(job: JobInput, storage: Storage) -> list[InputRef]:
         except StorageError as exc:
             raise ConfigurationError(field, f"'{ref}' cannot be read ({exc}); nothing was spent.") from exc
         inputs.append(_input_ref(ref, field, data))
+        if sum(len(i.text.encode()) for i in inputs if i.text) > MAX_INPUT_TEXT_BYTES:
+            raise ConfigurationError(field, f"the text input refs up to '{ref}' exceed {MAX_INPUT_TEXT_BYTES} bytes "
+                                            f"in all; split the job or shorten the references.")
     return inputs
 
 
@@ -137,8 +142,9 @@ def _input_ref(ref: str, field: str, data: bytes) -> InputRef:
         if len(data) > MAX_INPUT_IMAGE_BYTES:
             raise ConfigurationError(field, f"'{ref}' is a {len(data)}-byte image; at most {MAX_INPUT_IMAGE_BYTES}.")
         return InputRef(ref=ref, image=ImagePart(media_type=kind, data=base64.b64encode(data).decode()))
-    if len(data) > MAX_INPUT_REF_BYTES:
-        raise ConfigurationError(field, f"'{ref}' is {len(data)} bytes; at most {MAX_INPUT_REF_BYTES} are read.")
+    if len(data) > MAX_INPUT_TEXT_BYTES:
+        raise ConfigurationError(field, f"'{ref}' is {len(data)} bytes; text refs may hold {MAX_INPUT_TEXT_BYTES} "
+                                        f"bytes in all.")
     try:
         return InputRef(ref=ref, text=data.decode())
     except UnicodeDecodeError as exc:

@@ -128,3 +128,12 @@ async def test_secret_block_wins_over_the_environment(factory_env, monkeypatch):
                 block = await client.read_block_document_by_name(name, block_type_slug="secret")
                 await client.delete_block_document(block.id)
     assert state.is_completed(), state.message
+
+
+async def test_text_input_refs_are_capped_in_total(factory_env, storage_root):
+    for name in ("a.txt", "b.txt"):
+        (storage_root / "inputs").mkdir(parents=True, exist_ok=True)
+        (storage_root / "inputs" / name).write_text("x" * 250_000)
+    state = await run_job(input_refs=["inputs/a.txt", "inputs/b.txt"])
+    assert state.is_failed() and "`input_refs[1]`" in state.message and "in all" in state.message
+    assert factory_env.requests == []
