@@ -131,7 +131,7 @@ class JobRun:
             self._record(n, text, location.ref, unjudged_verdict(str(exc)), generated.call.cost_usd, started)
             raise
         done = self._record(n, text, location.ref, verdict, generated.call.cost_usd + eval_cost, started)
-        await self.report.iteration(n, text, location.ref, extension, verdict, done.cost, self.budget.spent,
+        self.report.iteration(n, text, location.ref, extension, verdict, done.cost, self.budget.spent,
                                     done.duration_ms)
         await self.log.emit(Event.ITERATION_END, iteration=n, converged=verdict.converged,
                             confidence=verdict.confidence, cost_usd=float(done.cost),
@@ -180,7 +180,7 @@ class JobRun:
     async def _call(self, task, event: Event, n: int, role: str, model: ModelPlan, request: ChatRequest) -> CallResult:
         worst = model.price.worst_case(request.input_token_bound(), request.max_tokens)
         what = f"the {role} call of iteration {n}"
-        await self.report.budget(self.budget.spent, worst, what)
+        self.report.budget(self.budget.spent, worst, what)
         self.budget.check(worst, what)
         await self.log.emit(event, iteration=n, role=role, model=model.name, worst_case_usd=float(worst))
         result: CallResult = await task(self.plan.job.job_id, n, role, model.provider, request, model.price,
@@ -200,7 +200,7 @@ class JobRun:
         await self.log.emit(Event.JOB_COMPLETED, status=result.status.value, stop_reason=stop.value,
                             total_cost_usd=result.total_cost_usd, total_iterations=result.total_iterations,
                             final_artifact_ref=result.final_artifact_ref, result_ref=self.plan.result_path.ref)
-        await self.report.budget(self.budget.spent, None, None)
+        self.report.budget(self.budget.spent, None, None)
         await self.report.summary(result)
         return result
 
