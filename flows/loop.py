@@ -18,7 +18,8 @@ from factory.artifacts import render
 from factory.budget import Budget
 from factory.errors import (BudgetExceeded, DeadlineExceeded, JobFailed, ProviderError, StorageError)
 from factory.eventlog import EventLog
-from factory.models import (CallRecord, Event, IterationDetail, JobResult, StopReason, Verdict, utcnow)
+from factory.models import (CallRecord, Event, IterationDetail, IterationOutput, JobResult, StopReason, Verdict,
+                            utcnow)
 from factory.preflight import JobPlan, ModelPlan
 from factory.prompts import (EVALUATOR_SYSTEM, EXECUTOR_SYSTEM, REPAIR_INSTRUCTION, VERDICT_SCHEMA,
                              VERDICT_TOOL, VERDICT_TOOL_DESCRIPTION, evaluator_prompt, executor_prompt)
@@ -121,9 +122,11 @@ class JobRun:
         text, extension = render(self.plan.job.function, generated.reply.text)
         location = self.plan.artifact_dir.child(f"iteration-{n:02d}{extension}")
         digest = await store_artifact(location, text.encode())
-        await self.log.emit(Event.EXECUTOR_RESPONSE, iteration=n, artifact_ref=location.ref, artifact_hash=digest,
-                            model=generated.reply.model, tokens_used=generated.call.usage.total,
-                            cost_usd=float(generated.call.cost_usd), stop_reason=generated.reply.stop_reason)
+        output = IterationOutput(artifact_ref=location.ref, artifact_hash=digest, executor_model=generated.reply.model,
+                                 cost_usd=float(generated.call.cost_usd), tokens_used=generated.call.usage.total,
+                                 metadata={"stop_reason": generated.reply.stop_reason,
+                                           **generated.call.usage.model_dump()})
+        await self.log.emit(Event.EXECUTOR_RESPONSE, iteration=n, **output.model_dump())
         try:
             verdict, eval_cost = await self._judge(n, text)
         except (BudgetExceeded, DeadlineExceeded) as exc:
