@@ -140,3 +140,15 @@ async def test_timeout_stops_at_the_deadline(factory_env):
     assert result.total_iterations == 1
     assert elapsed < 90, f"the deadline must bound the hanging call (took {elapsed:.0f}s)"
     assert event_names(result.log_ref)[-1] == "JOB_COMPLETED"
+
+
+async def test_rate_limit_waits_out_retry_after_and_is_retried_once(factory_env):
+    llm = factory_env
+    llm.reset(Script(verdicts=[DONE], faults=["429"], retry_after="1.5"))
+    result: JobResult = await (await run_job()).result()
+    assert result.stop_reason is StopReason.CONFORMITY
+    first, second = llm.requests[0], llm.requests[1]
+    assert second["at"] - first["at"] >= 1.5, "the retry must not come before retry-after"
+    assert len(llm.requests) == 3 and len(llm.billed) == 2
+    assert all(r["headers"].get("x-stainless-retry-count", "0") == "0" for r in llm.requests), \
+        "the SDK must not retry on its own: the task is the one retry layer"

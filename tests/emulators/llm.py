@@ -15,6 +15,7 @@ import itertools
 import json
 import random
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,7 @@ class Script:
     hang_s: float = 3600.0
     cached_tokens: int = 0  # reported as cache reads on OpenAI / Anthropic
     on_request: Any = None  # called with each request's index before it is answered
+    retry_after: str = "0"  # the `retry-after` header sent with a 429
 
 
 class Emulator:
@@ -93,7 +95,7 @@ class Emulator:
 
     async def _prelude(self, request: Request, api: str) -> tuple[dict[str, Any], Response | None]:
         body = await request.json()
-        self.requests.append({"api": api, "body": body, "headers": dict(request.headers)})
+        self.requests.append({"api": api, "body": body, "headers": dict(request.headers), "at": time.monotonic()})
         if self.script.on_request is not None:
             await asyncio.to_thread(self.script.on_request, len(self.requests) - 1)
         if self.script.latency_s:
@@ -112,7 +114,7 @@ class Emulator:
         status = {"429": 429, "500": 500, "529": 529, "401": 401, "400": 400}[kind]
         kind_name = {429: "rate_limit_error", 500: "api_error", 529: "overloaded_error", 401: "authentication_error",
                      400: "invalid_request_error"}[status]
-        headers = {"retry-after": "0"} if status == 429 else {}
+        headers = {"retry-after": self.script.retry_after} if status == 429 else {}
         if api == "anthropic":
             body = {"type": "error", "error": {"type": kind_name, "message": f"emulated {kind_name}"}}
         else:
