@@ -6,9 +6,13 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from tests.emulators.server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_GRACE_S = 10.0
@@ -55,3 +59,31 @@ def wait_healthy(api_url: str, server: Background, timeout_s: float = 90.0) -> N
 def run_cli(args: list[str], env: dict[str, str], timeout_s: float = 120.0) -> subprocess.CompletedProcess:
     return subprocess.run([prefect_bin(), *args], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=timeout_s)
+
+
+@contextmanager
+def served_deployment(work: Path, extra_env: dict[str, str], worker_limit: int = 10) -> Iterator[dict]:
+    """`prefect server start`, the `factory-local` pool, `prefect deploy --all` and a process worker,
+    as a user sets them up; all stopped on exit. `extra_env` can point the server at PostgreSQL."""
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    storage = work / "storage"
+    env = {**os.environ, "PREFECT_HOME": str(work / "home"), "PREFECT_API_URL": api_url,
+           "PREFECT_UI_API_URL": api_url, "FACTORY_STORAGE_ROOT": str(storage), "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1", **extra_env}
+    server = Background([prefect_bin(), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
+                        work / "server.log")
+    worker = None
+    try:
+        wait_healthy(api_url, server)
+        created = run_cli(["work-pool", "create", "factory-local", "--type", "process"], env)
+        assert created.returncode == 0, created.stdout + created.stderr
+        deployed = run_cli(["--no-prompt", "deploy", "--all"], env)
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        worker = Background([prefect_bin(), "worker", "start", "--pool", "factory-local", "--limit",
+                             str(worker_limit)], env, work / "worker.log")
+        yield {"env": env, "api_url": api_url, "storage": storage, "worker": worker}
+    finally:
+        if worker is not None:
+            worker.stop()
+        server.stop()

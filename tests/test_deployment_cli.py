@@ -4,7 +4,6 @@ worker, and `prefect deployment run factory/job --params ... --watch` through th
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -14,37 +13,16 @@ import pytest
 
 from tests.browser import Browser
 from tests.emulators.llm import Script
-from tests.emulators.server import free_port
 from tests.helpers import DONE, NOT_YET, read_log
-from tests.processes import Background, prefect_bin, run_cli, wait_healthy
+from tests.processes import run_cli, served_deployment
 
 pytestmark = pytest.mark.cli
 
 
 @pytest.fixture(scope="module")
 def served(llm_server, tmp_path_factory):
-    home = tmp_path_factory.mktemp("cli-prefect-home")
-    storage = tmp_path_factory.mktemp("cli-storage")
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url, "PREFECT_UI_API_URL": api_url,
-           "FACTORY_STORAGE_ROOT": str(storage), "PREFECT_WORKER_QUERY_SECONDS": "1",
-           "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    server = Background([prefect_bin(), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
-                        home / "server.log")
-    worker = None
-    try:
-        wait_healthy(api_url, server)
-        created = run_cli(["work-pool", "create", "factory-local", "--type", "process"], env)
-        assert created.returncode == 0, created.stdout + created.stderr
-        deployed = run_cli(["--no-prompt", "deploy", "--all"], env)
-        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-        worker = Background([prefect_bin(), "worker", "start", "--pool", "factory-local"], env, home / "worker.log")
-        yield {"env": env, "api_url": api_url, "storage": Path(storage), "worker": worker}
-    finally:
-        if worker is not None:
-            worker.stop()
-        server.stop()
+    with served_deployment(tmp_path_factory.mktemp("cli"), {}) as deployment:
+        yield deployment
 
 
 def test_deployment_run_through_the_cli(served, llm_server):

@@ -38,6 +38,7 @@ class Billed:
     input_tokens: int
     output_tokens: int
     cache_read_tokens: int = 0
+    prompt: str = ""
 
 
 @dataclass
@@ -176,7 +177,7 @@ class Emulator:
     def _bill(self, api: str, role: str, model: str, prompt: str, output: str) -> Billed:
         total_in = len(prompt) // 4 + 10
         cached = min(self.script.cached_tokens, total_in)
-        billed = Billed(api, role, model, total_in - cached, len(output) // 4 + 5, cached)
+        billed = Billed(api, role, model, total_in - cached, len(output) // 4 + 5, cached, prompt)
         self.billed.append(billed)
         return billed
 
