@@ -6,7 +6,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -61,10 +61,17 @@ def run_cli(args: list[str], env: dict[str, str], timeout_s: float = 120.0) -> s
                           timeout=timeout_s)
 
 
+def process_pool(env: dict[str, str], work: Path) -> list[str]:
+    return ["--type", "process"]
+
+
 @contextmanager
-def served_deployment(work: Path, extra_env: dict[str, str], worker_limit: int = 10) -> Iterator[dict]:
-    """`prefect server start`, the `factory-local` pool, `prefect deploy --all` and a process worker,
-    as a user sets them up; all stopped on exit. `extra_env` can point the server at PostgreSQL."""
+def served_deployment(work: Path, extra_env: dict[str, str], worker_limit: int = 10, pool: str = "factory-local",
+                      pool_options: Callable[[dict[str, str], Path], list[str]] = process_pool,
+                      prefect_file: str = "prefect.yaml") -> Iterator[dict]:
+    """`prefect server start`, a work pool, `prefect deploy --all` and a worker, as a user sets them up;
+    all stopped on exit. `extra_env` can point the server at PostgreSQL; `pool_options` gives the
+    `prefect work-pool create` options once the server answers."""
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     storage = work / "storage"
@@ -76,12 +83,12 @@ def served_deployment(work: Path, extra_env: dict[str, str], worker_limit: int =
     worker = None
     try:
         wait_healthy(api_url, server)
-        created = run_cli(["work-pool", "create", "factory-local", "--type", "process"], env)
+        created = run_cli(["work-pool", "create", pool, *pool_options(env, work)], env)
         assert created.returncode == 0, created.stdout + created.stderr
-        deployed = run_cli(["--no-prompt", "deploy", "--all"], env)
+        deployed = run_cli(["--no-prompt", "deploy", "--all", "--prefect-file", prefect_file], env)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-        worker = Background([prefect_bin(), "worker", "start", "--pool", "factory-local", "--limit",
-                             str(worker_limit)], env, work / "worker.log")
+        worker = Background([prefect_bin(), "worker", "start", "--pool", pool, "--limit", str(worker_limit)], env,
+                            work / "worker.log")
         yield {"env": env, "api_url": api_url, "storage": storage, "worker": worker}
     finally:
         if worker is not None:

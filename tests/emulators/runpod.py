@@ -1,0 +1,115 @@
+"""A loopback emulator of RunPod's serverless API that runs this project's `handler.py`.
+
+`POST /v2/{endpoint}/run`, `GET /v2/{endpoint}/status/{id}`, `POST /v2/{endpoint}/cancel/{id}`,
+`GET /v2/{endpoint}/health`. Each job runs the handler in its own process, as a RunPod worker
+would (IN_QUEUE -> IN_PROGRESS -> COMPLETED or FAILED); `force` makes the next job end FAILED or
+TIMED_OUT instead, `hold` keeps it queued; cancel kills the job's process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+RUNPOD_KEY = "rpa_test_emulator_key"
+REPO = Path(__file__).resolve().parents[2]
+RUN_HANDLER = ("import asyncio, json, sys\nfrom handler import handler\n"
+               "print('RESULT ' + json.dumps(asyncio.run(handler(json.loads(sys.argv[1])))))")
+
+
+@dataclass
+class Job:
+    id: str
+    payload: dict[str, Any]
+    status: str = "IN_QUEUE"
+    output: Any = None
+    error: str | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+
+class RunPodEmulator:
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job] = {}
+        self.cancelled: list[str] = []
+        self.force: str | None = None
+        self.hold = False  # keep the next job IN_QUEUE, as when no GPU worker is free
+        self.app = Starlette(routes=[
+            Route("/v2/{endpoint}/run", self.run, methods=["POST"]),
+            Route("/v2/{endpoint}/status/{job_id}", self.status, methods=["GET"]),
+            Route("/v2/{endpoint}/cancel/{job_id}", self.cancel, methods=["POST"]),
+            Route("/v2/{endpoint}/health", self.health, methods=["GET"]),
+        ])
+
+    @staticmethod
+    def _authorized(request: Request) -> bool:
+        return request.headers.get("authorization") == f"Bearer {RUNPOD_KEY}"
+
+    async def run(self, request: Request) -> JSONResponse:
+        if not self._authorized(request):
+            return JSONResponse({"error": "Unauthorized"}, status_code=401)
+        job = Job(id=f"job-{uuid.uuid4().hex[:12]}", payload=await request.json())
+        self.jobs[job.id] = job
+        if not self.hold:
+            threading.Thread(target=self._execute, args=(job, self.force), daemon=True).start()
+        self.force, self.hold = None, False
+        return JSONResponse({"id": job.id, "status": job.status})
+
+    def _execute(self, job: Job, force: str | None) -> None:
+        if force:
+            job.status, job.error = force, f"emulated {force}"
+            return
+        job.status = "IN_PROGRESS"
+        job.process = subprocess.Popen([sys.executable, "-c", RUN_HANDLER, json.dumps({"id": job.id, **job.payload})],
+                                       cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, text=True,
+                                       start_new_session=True)
+        out, _ = job.process.communicate()
+        if job.status == "CANCELLED":
+            return
+        result = next((line[7:] for line in reversed(out.splitlines()) if line.startswith("RESULT ")), None)
+        if job.process.returncode or result is None:
+            job.status, job.error = "FAILED", f"handler exited {job.process.returncode}"
+        else:
+            job.status, job.output = "COMPLETED", json.loads(result)
+
+    async def status(self, request: Request) -> JSONResponse:
+        job = self.jobs.get(request.path_params["job_id"])
+        if not self._authorized(request) or job is None:
+            return JSONResponse({"error": "not found"}, status_code=401 if job else 404)
+        body = {"id": job.id, "status": job.status}
+        if job.output is not None:
+            body["output"] = job.output
+        if job.error:
+            body["error"] = job.error
+        return JSONResponse(body)
+
+    async def cancel(self, request: Request) -> JSONResponse:
+        job = self.jobs.get(request.path_params["job_id"])
+        if not self._authorized(request) or job is None:
+            return JSONResponse({"error": "not found"}, status_code=401 if job else 404)
+        job.status = "CANCELLED"
+        self.cancelled.append(job.id)
+        if job.process is not None and job.process.poll() is None:
+            os.killpg(job.process.pid, signal.SIGTERM)
+        return JSONResponse({"id": job.id, "status": job.status})
+
+    async def health(self, request: Request) -> JSONResponse:
+        running = sum(j.status == "IN_PROGRESS" for j in self.jobs.values())
+        return JSONResponse({"jobs": {"inProgress": running, "inQueue": 0}, "workers": {"idle": 1, "running": running}})
+
+    def stop_all(self) -> None:
+        for job in self.jobs.values():
+            if job.process is not None and job.process.poll() is None:
+                os.killpg(job.process.pid, signal.SIGKILL)

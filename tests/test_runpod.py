@@ -1,0 +1,144 @@
+"""The `runpod` worker type end to end: a real Prefect server, `prefect worker start --pool factory-gpu`,
+the RunPod serverless emulator running this project's handler.py, and the handler's own CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.emulators.llm import Script
+from tests.emulators.runpod import REPO, RUNPOD_KEY, RunPodEmulator
+from tests.emulators.server import ThreadedServer
+from tests.helpers import NOT_YET
+from tests.processes import run_cli, served_deployment
+
+pytestmark = pytest.mark.cli
+
+
+@pytest.fixture(scope="module")
+def runpod_api():
+    emulator = RunPodEmulator()
+    server = ThreadedServer(emulator.app).start()
+    yield emulator, f"{server.url}/v2"
+    emulator.stop_all()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gpu_pool(llm_server, runpod_api, tmp_path_factory):
+    emulator, api_url = runpod_api
+
+    def runpod_pool(env: dict[str, str], work) -> list[str]:
+        template = json.loads(run_cli(["work-pool", "get-default-base-job-template", "--type", "runpod"], env).stdout)
+        template["variables"]["properties"]["endpoint_id"]["default"] = "factory-gpu-test"
+        template["variables"]["properties"]["api_url"]["default"] = api_url
+        template["variables"]["properties"]["poll_interval_s"]["default"] = 0.5
+        (work / "template.json").write_text(json.dumps(template))
+        return ["--type", "runpod", "--base-job-template", str(work / "template.json")]
+
+    with served_deployment(tmp_path_factory.mktemp("gpu"), {"RUNPOD_API_KEY": RUNPOD_KEY}, pool="factory-gpu",
+                           pool_options=runpod_pool, prefect_file="tests/prefect-gpu.yaml") as served:
+        yield {**served, "emulator": emulator}
+
+
+def flow_run_state(api_url: str, flow_run_id: str) -> str:
+    return httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=10).json()["state"]["type"]
+
+
+def start_run(gpu_pool, job_id: str, **params) -> str:
+    body = {"seed": "Write a haiku.", "objective": "A haiku.", "job_id": job_id, **params}
+    run = run_cli(["deployment", "run", "factory/gpu-job", "--params", json.dumps(body)], gpu_pool["env"])
+    assert run.returncode == 0, run.stdout + run.stderr
+    return re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+
+
+def wait_state(gpu_pool, flow_run_id: str, states: set[str], timeout_s: float = 180) -> str:
+    deadline = time.monotonic() + timeout_s
+    while (state := flow_run_state(gpu_pool["api_url"], flow_run_id)) not in states:
+        assert time.monotonic() < deadline, f"{state}: " + gpu_pool["worker"].log.read_text()[-3000:]
+        time.sleep(0.5)
+    return state
+
+
+def test_default_job_template_lists_the_runpod_variables(gpu_pool):
+    template = json.loads(run_cli(["work-pool", "get-default-base-job-template", "--type", "runpod"],
+                                  gpu_pool["env"]).stdout)
+    variables = template["variables"]["properties"]
+    assert {"endpoint_id", "api_key", "api_url", "execution_timeout_s", "ttl_s", "poll_interval_s", "env",
+            "command"} <= set(variables)
+    assert all(variables[name].get("description") for name in ("endpoint_id", "api_url", "ttl_s"))
+
+
+def test_flow_run_executes_on_the_runpod_endpoint(gpu_pool):
+    flow_run_id = start_run(gpu_pool, "gpu-1", executor_model="dry-run", evaluator_model="dry-run")
+    assert wait_state(gpu_pool, flow_run_id, {"COMPLETED", "FAILED", "CRASHED"}) == "COMPLETED"
+    jobs = list(gpu_pool["emulator"].jobs.values())
+    deadline = time.monotonic() + 30
+    while jobs[-1].status == "IN_PROGRESS" and time.monotonic() < deadline:  # the process is exiting
+        time.sleep(0.2)
+    assert jobs[-1].status == "COMPLETED" and jobs[-1].output == {"exit_code": 0}
+    assert "prefect flow-run execute" in jobs[-1].payload["input"]["command"]
+    assert jobs[-1].payload["input"]["env"]["PREFECT__FLOW_RUN_ID"] == flow_run_id
+    run = httpx.get(f"{gpu_pool['api_url']}/flow_runs/{flow_run_id}", timeout=10).json()
+    assert run["infrastructure_pid"] == jobs[-1].id
+
+
+@pytest.mark.parametrize("outcome", ["FAILED", "TIMED_OUT"])
+def test_a_failed_runpod_job_fails_the_flow_run(gpu_pool, outcome):
+    gpu_pool["emulator"].force = outcome
+    flow_run_id = start_run(gpu_pool, f"gpu-{outcome.lower()}", executor_model="dry-run", evaluator_model="dry-run")
+    assert wait_state(gpu_pool, flow_run_id, {"COMPLETED", "FAILED", "CRASHED"}) in {"FAILED", "CRASHED"}
+    assert outcome in gpu_pool["worker"].log.read_text()
+
+
+def test_cancelling_a_queued_run_cancels_the_runpod_job(gpu_pool):
+    gpu_pool["emulator"].hold = True  # no GPU worker picks the job up: the flow run stays pending
+    flow_run_id = start_run(gpu_pool, "gpu-queued", executor_model="dry-run", evaluator_model="dry-run")
+    deadline = time.monotonic() + 60
+    while not (run := httpx.get(f"{gpu_pool['api_url']}/flow_runs/{flow_run_id}", timeout=10).json())[
+            "infrastructure_pid"]:
+        assert time.monotonic() < deadline, gpu_pool["worker"].log.read_text()[-3000:]
+        time.sleep(0.3)
+    cancel = run_cli(["flow-run", "cancel", flow_run_id], gpu_pool["env"])
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    assert wait_state(gpu_pool, flow_run_id, {"CANCELLED"}, timeout_s=90) == "CANCELLED"
+    assert run["infrastructure_pid"] in gpu_pool["emulator"].cancelled
+    assert gpu_pool["emulator"].jobs[run["infrastructure_pid"]].status == "CANCELLED"
+
+
+def test_cancelling_a_running_flow_run_ends_its_runpod_job(gpu_pool, llm_server):
+    llm_server.reset(Script(verdicts=[NOT_YET], latency_s=1.0))
+    flow_run_id = start_run(gpu_pool, "gpu-cancel", limits={"max_cycles": 30})
+    wait_state(gpu_pool, flow_run_id, {"RUNNING"})
+    time.sleep(2)
+    cancel = run_cli(["flow-run", "cancel", flow_run_id], gpu_pool["env"])
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    assert wait_state(gpu_pool, flow_run_id, {"CANCELLED"}, timeout_s=90) == "CANCELLED"
+    job_id = httpx.get(f"{gpu_pool['api_url']}/flow_runs/{flow_run_id}", timeout=10).json()["infrastructure_pid"]
+    deadline = time.monotonic() + 30
+    while gpu_pool["emulator"].jobs[job_id].status == "IN_PROGRESS":
+        assert time.monotonic() < deadline, "the RunPod job kept running after the cancel"
+        time.sleep(0.3)
+
+
+def test_handler_runs_the_original_api_from_its_cli(tmp_path):
+    test_input = {"input": {"seed": "Write a haiku.", "objective": "A haiku.", "job_id": "handler-cli",
+                            "executor_model": "dry-run", "evaluator_model": "dry-run"}}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "FACTORY_STORAGE_ROOT": str(tmp_path / "store")}
+    env.pop("PREFECT_API_URL", None)
+    out = subprocess.run([sys.executable, "handler.py", "--test_input", json.dumps(test_input)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "'status': 'success'" in out.stdout + out.stderr and "'CONVERGED'" in out.stdout + out.stderr
+    bad = subprocess.run([sys.executable, "handler.py", "--test_input", json.dumps({"input": {"seed": ""}})],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    text = bad.stdout + bad.stderr
+    assert "`seed`" in text and "`objective`" in text, "every problem is reported at once"
+    assert not (tmp_path / "store" / "handler-cli" / "result.json").read_text() == ""
