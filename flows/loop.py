@@ -135,7 +135,7 @@ class JobRun:
             raise
         done = self._record(n, text, location.ref, verdict, generated.call.cost_usd + eval_cost, started)
         self.report.iteration(n, text, location.ref, extension, verdict, done.cost, self.budget.spent,
-                                    done.duration_ms)
+                              done.duration_ms)
         await self.log.emit(Event.ITERATION_END, iteration=n, converged=verdict.converged,
                             confidence=verdict.confidence, cost_usd=float(done.cost),
                             spent_usd=float(self.budget.spent), duration_ms=done.duration_ms)
