@@ -142,3 +142,15 @@ def test_handler_runs_the_original_api_from_its_cli(tmp_path):
     text = bad.stdout + bad.stderr
     assert "`seed`" in text and "`objective`" in text, "every problem is reported at once"
     assert not (tmp_path / "store" / "handler-cli" / "result.json").read_text() == ""
+
+
+@pytest.mark.parametrize("variable, value", [("endpoint_id", "bad id!"), ("execution_timeout_s", 1),
+                                             ("poll_interval_s", 0)])
+def test_bad_job_variables_are_refused_before_any_runpod_job(gpu_pool, variable, value):
+    jobs_before = len(gpu_pool["emulator"].jobs)
+    body = {"seed": "s", "objective": "o", "executor_model": "dry-run", "evaluator_model": "dry-run"}
+    run = run_cli(["deployment", "run", "factory/gpu-job", "--params", json.dumps(body), "--job-variable",
+                   f"{variable}={json.dumps(value)}"], gpu_pool["env"])
+    assert run.returncode != 0
+    assert variable in run.stdout + run.stderr
+    assert len(gpu_pool["emulator"].jobs) == jobs_before
