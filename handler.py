@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from factory.errors import FactoryError
 from factory.models import JobInput
 from flows.job import factory
+from flows.loop import progress_listener
 
 logger = logging.getLogger("factory.handler")
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -38,17 +39,21 @@ async def run_command(command: str, env: dict[str, str]) -> dict[str, Any]:
     return {"exit_code": await process.wait()}
 
 
-async def run_job(payload: dict[str, Any]) -> dict[str, Any]:
-    """Validate the whole JobInput first (every problem at once), then run the job's flow."""
+async def run_job(job_request: dict[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
+    """Validate the whole JobInput first (every problem at once), then run the job's flow, reporting
+    each finished iteration with `progress_update`."""
     try:
         job = JobInput.model_validate(payload)
     except ValidationError as exc:
         problems = "; ".join(f"`{'.'.join(str(p) for p in e['loc'])}`: {e['msg']}" for e in exc.errors())
         return {"status": "error", "error": f"invalid input: {problems}"}
+    token = progress_listener.set(lambda progress: runpod.serverless.progress_update(job_request, progress))
     try:
         result = await factory(**job.model_dump(exclude_none=True))
     except FactoryError as exc:
         return {"status": "error", "error": str(exc)}
+    finally:
+        progress_listener.reset(token)
     return {"status": "success", "result": result.model_dump(mode="json")}
 
 
@@ -61,7 +66,7 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(payload["command"], str) or not isinstance(env, dict):
             return {"status": "error", "error": "`input.command` must be a string and `input.env` an object"}
         return await run_command(payload["command"], {str(k): str(v) for k, v in env.items()})
-    return await run_job(payload)
+    return await run_job(job, payload)
 
 
 if __name__ == "__main__":

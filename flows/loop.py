@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -33,6 +35,9 @@ from tasks.evaluate import evaluate_artifact
 from tasks.generate import generate_artifact
 from tasks.retry import retry_options
 from tasks.store import store_artifact
+
+# Who wants to hear of each finished iteration in this context (the RunPod handler's progress_update).
+progress_listener: ContextVar[Callable[[dict], None] | None] = ContextVar("progress_listener", default=None)
 
 STOP_EVENTS = {
     StopReason.CONFORMITY: Event.JOB_CONVERGED,
@@ -139,6 +144,9 @@ class JobRun:
         await self.log.emit(Event.ITERATION_END, iteration=n, converged=verdict.converged,
                             confidence=verdict.confidence, cost_usd=float(done.cost),
                             spent_usd=float(self.budget.spent), duration_ms=done.duration_ms)
+        if (listener := progress_listener.get()) is not None:
+            listener({"iteration": n, "max_cycles": self.plan.job.limits.max_cycles, "converged": verdict.converged,
+                      "confidence": verdict.confidence, "spent_usd": float(self.budget.spent)})
         return done
 
     def _record(self, n: int, text: str, ref: str, verdict: Verdict, cost: Decimal, started: float) -> Iteration:

@@ -16,7 +16,7 @@ import pytest
 from tests.emulators.llm import Script
 from tests.emulators.runpod import REPO, RUNPOD_KEY, RunPodEmulator
 from tests.emulators.server import ThreadedServer
-from tests.helpers import NOT_YET
+from tests.helpers import DONE, NOT_YET
 from tests.processes import run_cli, served_deployment
 
 pytestmark = pytest.mark.cli
@@ -154,3 +154,20 @@ def test_bad_job_variables_are_refused_before_any_runpod_job(gpu_pool, variable,
     assert run.returncode != 0
     assert variable in run.stdout + run.stderr
     assert len(gpu_pool["emulator"].jobs) == jobs_before
+
+
+async def test_handler_reports_progress_after_each_iteration(factory_env, monkeypatch):
+    import runpod
+
+    import handler
+
+    updates = []
+    monkeypatch.setattr(runpod.serverless, "progress_update", lambda job, progress: updates.append((job["id"], progress)))
+    factory_env.reset(Script(verdicts=[NOT_YET, DONE]))
+    reply = await handler.handler({"id": "rp-1", "input": {"seed": "Write a haiku.", "objective": "A haiku.",
+                                                           "job_id": "rp-progress"}})
+    assert reply["status"] == "success" and reply["result"]["total_iterations"] == 2
+    assert [(job, p["iteration"], p["converged"]) for job, p in updates] == [("rp-1", 1, False), ("rp-1", 2, True)]
+    failed = await handler.handler({"id": "rp-2", "input": {"seed": "s", "objective": "o",
+                                                            "executor_model": "claude-unpriced-9"}})
+    assert failed["status"] == "error" and "`executor_model`" in failed["error"]
