@@ -41,10 +41,6 @@ class FactorySettings(BaseSettings):
     retry_delay_s: float = Field(default=2.0, ge=0, description="First retry delay; doubles each retry.")
     retry_after_cap_s: float = Field(default=60.0, ge=0, description="Longest `retry-after` honoured.")
 
-    @property
-    def root(self) -> Path:
-        return self.storage_root.expanduser().resolve()
-
 
 @lru_cache(maxsize=1)
 def get_settings() -> FactorySettings:

@@ -69,7 +69,7 @@ def content_type(name: str) -> str:
 class Storage:
     """Local files under one root (written atomically) and S3 objects, behind one interface."""
 
-    def __init__(self, root: Path, s3: S3Store | None = None) -> None:
+    def __init__(self, root: Path, s3: S3Store) -> None:
         self.root = root.expanduser().resolve()
         self.spool = self.root / ".spool"
         self.s3 = s3
@@ -84,8 +84,6 @@ class Storage:
             bucket, _, key = ref[5:].partition("/")
             if not bucket:
                 raise ConfigurationError(field, f"'{ref}' names no bucket; write s3://bucket/prefix.")
-            if self.s3 is None:
-                raise ConfigurationError(field, f"'{ref}': S3 is not configured on this worker.")
             return Location(ref=ref, bucket=bucket, key=key)
         if "://" in ref and not ref.startswith("file://"):
             scheme = ref.split("://", 1)[0]
@@ -136,12 +134,16 @@ class Storage:
     async def drain_spool(self) -> list[str]:
         """Upload every spooled object; returns the refs uploaded. Raises StorageError if S3 is still down."""
         uploaded = []
-        for path in sorted(p for p in self.spool.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        for path in await asyncio.to_thread(self._spooled_files):
             bucket, key = path.relative_to(self.spool).parts[0], "/".join(path.relative_to(self.spool).parts[1:])
             await self.s3.write(bucket, key, await asyncio.to_thread(path.read_bytes), content_type(key))
             await asyncio.to_thread(path.unlink)
             uploaded.append(f"s3://{bucket}/{key}")
         return uploaded
+
+
+    def _spooled_files(self) -> list[Path]:
+        return sorted(p for p in self.spool.rglob("*") if p.is_file() and not p.name.startswith("."))
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -159,4 +161,4 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def get_storage() -> Storage:
     """The process's storage, from settings: one S3 credentials look-up per worker process."""
     settings = get_settings()
-    return Storage(settings.root, S3Store(settings.s3_block, settings.storage_retry_window_s))
+    return Storage(settings.storage_root, S3Store(settings.s3_block, settings.storage_retry_window_s))

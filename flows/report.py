@@ -111,11 +111,11 @@ class JobReport:
                                                      key=artifact_key(self.job_id, "budget"),
                                                      description=f"${spent:.4f} of ${limit:.2f} spent"))
 
-    def progress(self, iterations: int, spent: Decimal, description: str | None = None) -> None:
+    def progress(self, iterations: int, spent: Decimal) -> None:
         """Iterations over max_cycles, or budget share, whichever is closer to the end, in percent."""
         share = max(iterations / self.limits.max_cycles, float(spent) / self.limits.budget_usd)
-        percent = 100.0 if description == "converged" else min(100.0, round(share * 100, 1))
-        description = description or f"{iterations}/{self.limits.max_cycles} iterations, ${float(spent):.4f} spent"
+        percent = min(100.0, round(share * 100, 1))
+        description = f"{iterations}/{self.limits.max_cycles} iterations, ${float(spent):.4f} spent"
         self._send(lambda: self._publish_progress(percent, description))
 
     async def _publish_progress(self, percent: float, description: str) -> None:
@@ -128,7 +128,7 @@ class JobReport:
     async def summary(self, result: JobResult) -> None:
         """Queue the final summary and wait until every artifact of the job has been sent."""
         if result.converged:
-            self.progress(result.total_iterations, Decimal(str(result.total_cost_usd)), "converged")
+            self._send(lambda: self._publish_progress(100.0, "converged"))
         head = (f"# Job `{result.job_id}`: {result.status.value} ({result.stop_reason.value})\n\n"
                 f"{result.total_iterations} iteration(s), ${result.total_cost_usd:.6f}, "
                 f"{result.total_duration_ms / 1000:.1f} s. Final artifact: `{result.final_artifact_ref}`"

@@ -91,4 +91,4 @@ def billed_cost(emulator: Emulator) -> Decimal:
 
 @pytest.fixture
 def storage_root() -> Path:
-    return get_settings().root
+    return get_storage().root
