@@ -2,13 +2,15 @@
 # Run the whole test suite on a fresh machine: installs what the tests need, then pytest.
 #   ./scripts/test.sh [pytest args]      e.g. ./scripts/test.sh -m browser
 # Needs Python 3.11+ and, for the Prefect UI test, Debian's `chromium` (installed here with apt-get
-# when missing and running as root). The benchmark, not the suite, uses PostgreSQL.
+# when missing and running as root). The benchmark, not the suite, uses PostgreSQL. The `gpu` extra
+# (torch, diffusers) is installed so the GPU-local image path runs for real, on the CPU, with a tiny
+# pipeline the tests build: about 3 GB of wheels on the first run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
-uv sync --frozen --quiet
+uv sync --frozen --quiet --extra gpu
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "Installing Debian's chromium for the Prefect UI test..."
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
 fi
-exec uv run --frozen pytest "$@"
+exec uv run --frozen --extra gpu pytest "$@"
