@@ -12,10 +12,13 @@ from prefect.blocks.system import Secret
 from pydantic import SecretStr
 
 from factory.errors import ConfigurationError
+from factory.media import GPU_PROVIDERS
 from factory.providers import DRY_RUN_MODEL
 
-SECRET_BLOCKS = {"anthropic": "anthropic-api-key", "openai": "openai-api-key", "openai-compatible": "openai-api-key"}
-ENV_KEYS = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY", "openai-compatible": "OPENAI_API_KEY"}
+SECRET_BLOCKS = {"anthropic": "anthropic-api-key", "openai": "openai-api-key", "openai-compatible": "openai-api-key",
+                 "fal": "fal-api-key", "elevenlabs": "elevenlabs-api-key"}
+ENV_KEYS = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY", "openai-compatible": "OPENAI_API_KEY",
+            "fal": "FAL_KEY", "elevenlabs": "ELEVENLABS_API_KEY"}
 
 _cache: dict[str, SecretStr | None] = {}
 
@@ -52,8 +55,8 @@ async def require_api_key(provider: str, field: str) -> None:
     Raises:
         ConfigurationError: naming the parameter whose model needs the key.
     """
-    if provider in (DRY_RUN_MODEL, "openai-compatible"):
-        return  # local OpenAI-compatible servers commonly take no key
+    if provider in (DRY_RUN_MODEL, "openai-compatible") or provider in GPU_PROVIDERS:
+        return  # local OpenAI-compatible servers commonly take no key; GPU models run where RunPod's key is
     if await api_key_for(provider) is None:
         raise ConfigurationError(
             field,

@@ -3,8 +3,9 @@
     python -m blocks.register            # against PREFECT_API_URL
 
 Saved (overwriting older ones), values never printed:
-- each provider key present (`ANTHROPIC_API_KEY`, `OPENAI_API_KEY`) as a Secret block
-  (`anthropic-api-key`, `openai-api-key`);
+- each provider key present (`ANTHROPIC_API_KEY`, `OPENAI_API_KEY`, `FAL_KEY`, `ELEVENLABS_API_KEY`,
+  `RUNPOD_API_KEY`) as a Secret block (`anthropic-api-key`, `openai-api-key`, `fal-api-key`,
+  `elevenlabs-api-key`, `runpod-api-key`);
 - with `FACTORY_S3_BUCKET` set: an `AwsCredentials` block `factory-aws` from `AWS_ACCESS_KEY_ID`,
   `AWS_SECRET_ACCESS_KEY`, `AWS_REGION` and `AWS_ENDPOINT_URL_S3` (any S3-compatible store), an
   `S3Bucket` block `factory-s3` for `s3://` refs, and an `S3Bucket` block `factory-results`
@@ -27,6 +28,7 @@ from factory.settings import get_settings
 AWS_BLOCK = "factory-aws"
 RESULTS_BLOCK = "factory-results"
 RESULTS_FOLDER = "prefect-results"
+RUNPOD_BLOCK = "runpod-api-key"  # for the `runpod` pool's api_key: {{ prefect.blocks.secret.runpod-api-key }}
 
 
 async def register() -> list[str]:
@@ -37,6 +39,9 @@ async def register() -> list[str]:
         if value and block_name not in saved:
             await Secret(value=value).save(block_name, overwrite=True)
             saved.append(block_name)
+    if runpod_key := os.environ.get("RUNPOD_API_KEY"):
+        await Secret(value=runpod_key).save(RUNPOD_BLOCK, overwrite=True)
+        saved.append(RUNPOD_BLOCK)
     bucket = os.environ.get("FACTORY_S3_BUCKET")
     if bucket:
         credentials = AwsCredentials(

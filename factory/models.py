@@ -33,12 +33,6 @@ class FunctionType(StrEnum):
     MULTIMODAL = "MULTIMODAL"
 
 
-TEXT_FUNCTIONS = frozenset(
-    {FunctionType.TEXT_GENERATION, FunctionType.CODE_GENERATION, FunctionType.DOCUMENT_GENERATION,
-     FunctionType.MULTIMODAL}
-)
-
-
 class JobStatus(StrEnum):
     PENDING = "PENDING"
     RUNNING = "RUNNING"
@@ -125,13 +119,18 @@ class JobInput(StrictModel):
 
 
 class Usage(StrictModel):
-    """Tokens one call was billed for, split the way prices are."""
+    """What one call was billed for, split the way prices are: tokens, and media units."""
 
     input_tokens: int = 0
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_write_5m_tokens: int = 0
     cache_write_1h_tokens: int = 0
+    images: int = 0
+    megapixels: int = Field(default=0, description="Billed megapixels (2**20 pixels), rounded up per image.")
+    characters: int = 0
+    media_seconds: Decimal = Field(default=Decimal(0), description="Seconds of media produced or transcribed.")
+    gpu_seconds: Decimal = Field(default=Decimal(0), description="RunPod execution time, rounded up to the second.")
 
     @property
     def total(self) -> int:

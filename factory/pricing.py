@@ -26,15 +26,21 @@ PER_TOKENS = Decimal(1_000_000)
 
 
 class Price(BaseModel):
-    """USD per million tokens. Cache prices default to the input price when a table omits them."""
+    """USD per million tokens, and per media unit. Cache prices default to the input price when a table
+    omits them; a unit the table does not name costs nothing."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input: Decimal = Field(ge=0)
-    output: Decimal = Field(ge=0)
+    input: Decimal = Field(default=Decimal(0), ge=0)
+    output: Decimal = Field(default=Decimal(0), ge=0)
     cache_read: Decimal | None = Field(default=None, ge=0)
     cache_write_5m: Decimal | None = Field(default=None, ge=0)
     cache_write_1h: Decimal | None = Field(default=None, ge=0)
+    per_image: Decimal = Field(default=Decimal(0), ge=0)
+    per_megapixel: Decimal = Field(default=Decimal(0), ge=0)
+    per_million_characters: Decimal = Field(default=Decimal(0), ge=0)
+    per_second: Decimal = Field(default=Decimal(0), ge=0, description="Per second of media made or transcribed.")
+    per_gpu_second: Decimal = Field(default=Decimal(0), ge=0)
     published: str | None = None
 
     def cost(self, usage: Usage) -> Decimal:
@@ -46,7 +52,13 @@ class Price(BaseModel):
             (usage.cache_write_5m_tokens, self.cache_write_5m if self.cache_write_5m is not None else self.input),
             (usage.cache_write_1h_tokens, self.cache_write_1h if self.cache_write_1h is not None else self.input),
         )
-        return sum((Decimal(tokens) * price for tokens, price in parts), Decimal(0)) / PER_TOKENS
+        tokens = sum((Decimal(tokens) * price for tokens, price in parts), Decimal(0)) / PER_TOKENS
+        return tokens + self._units(usage)
+
+    def _units(self, usage: Usage) -> Decimal:
+        return (usage.images * self.per_image + usage.megapixels * self.per_megapixel
+                + usage.characters * self.per_million_characters / PER_TOKENS
+                + usage.media_seconds * self.per_second + usage.gpu_seconds * self.per_gpu_second)
 
     def worst_case(self, input_tokens: int, max_output_tokens: int) -> Decimal:
         """The most a call with at most these tokens can cost (input billed at its dearest rate)."""

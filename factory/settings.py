@@ -26,6 +26,27 @@ class FactorySettings(BaseSettings):
     )
     default_executor_model: str = Field(default=DEFAULT_MODEL)
     default_evaluator_model: str = Field(default=DEFAULT_MODEL)
+    default_image_model: str = Field(default="fal:fal-ai/flux/schnell")
+    default_audio_model: str = Field(default="tts-1")
+    default_video_model: str = Field(default="fal:fal-ai/kling-video/v4/text-to-video")
+    transcription_model: str = Field(
+        default="whisper-1", description="OpenAI model that transcribes generated audio for the evaluator."
+    )
+    fal_url: str = Field(default="https://fal.run", description="fal's synchronous endpoint host.")
+    fal_queue_url: str = Field(default="https://queue.fal.run", description="fal's queue host (video).")
+    elevenlabs_url: str = Field(default="https://api.elevenlabs.io")
+    gpu_pool: str = Field(default="factory-gpu", description="The `runpod` work pool GPU generation runs on.")
+    gpu_timeout_s: int = Field(
+        default=600, ge=10, le=86_400,
+        description="Longest one GPU generation may run; bounds its worst-case cost and the wait for it.",
+    )
+    media_width: int = Field(default=1024, ge=64, le=4096, description="Width of generated images and video.")
+    media_height: int = Field(default=1024, ge=64, le=4096, description="Height of generated images and video.")
+    media_seconds: int = Field(default=5, ge=1, le=60, description="Length of generated video and music.")
+    gpu_local: bool = Field(
+        default=False, description="This process has the GPU (the RunPod image): run GPU models here, not on the pool."
+    )
+    video_frames: int = Field(default=6, ge=1, le=20, description="Frames of a video the evaluator is shown.")
     s3_block: str = Field(default="factory-s3", description="The prefect-aws S3Bucket block for s3:// refs.")
     storage_retry_window_s: float = Field(
         default=30.0, ge=0, description="How long an S3 read or write is retried before the write is spooled."
