@@ -29,6 +29,7 @@ from factory.pricing import price_table  # noqa: E402
 from factory.settings import get_settings  # noqa: E402
 from factory.storage import get_storage  # noqa: E402
 from tests.emulators.llm import API_KEY, OPENAI_KEY, Emulator  # noqa: E402
+from tests.emulators.media import serve as serve_media  # noqa: E402
 from tests.emulators.server import ThreadedServer  # noqa: E402
 from tests.s3server import BUCKET, CREDENTIALS, S3Server  # noqa: E402
 
@@ -50,6 +51,19 @@ def llm(llm_server):
     """The emulator, reset to its default script for this test."""
     llm_server.reset()
     yield llm_server
+
+
+@pytest.fixture
+def media_api(monkeypatch):
+    """The fal and ElevenLabs emulator (one server per session), reset, with FACTORY_FAL_URL & co. and the keys
+    pointing at it for this test."""
+    emulator = serve_media()
+    emulator.reset()
+    for name, value in emulator.environ().items():
+        monkeypatch.setenv(name, value)
+    reset_settings()
+    yield emulator
+    reset_settings()
 
 
 @pytest.fixture(scope="session")

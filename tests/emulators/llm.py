@@ -1,9 +1,11 @@
-"""A loopback emulator of the Anthropic Messages and OpenAI Chat Completions HTTP APIs.
+"""A loopback emulator of the Anthropic Messages and OpenAI Chat Completions HTTP APIs, and OpenAI's media routes.
 
 The official SDKs reach it through ANTHROPIC_BASE_URL / OPENAI_BASE_URL. A test scripts it:
 what the executor writes, what verdicts the evaluator returns (dicts, raw text, empty),
 latency, and faults (429 with retry-after, 500, 529 overloaded, malformed bodies, hangs, 401).
-Every request is recorded with the usage it was billed, so tests can check money to the token.
+Every request is recorded with the usage it was billed, so tests can check money to the token. OpenAI's
+images, speech and transcriptions (`openai_media.py`) share the script, faults and record; they bill into
+`media_billed`.
 
 Run it alone with `python -m tests.emulators.llm --port 8089` to point a real job at it.
 """
@@ -11,8 +13,11 @@ Run it alone with `python -m tests.emulators.llm --port 8089` to point a real jo
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import itertools
 import json
+import math
 import random
 import threading
 import time
@@ -20,10 +25,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from tests.emulators.media import MediaBilled
+from tests.emulators.openai_media import OpenAIMediaRoutes
 
 API_KEY = "sk-ant-test-emulator-key"
 OPENAI_KEY = "sk-openai-test-emulator-key"
@@ -56,15 +65,17 @@ class Script:
     cached_tokens: int = 0  # reported as cache reads on OpenAI / Anthropic
     on_request: Any = None  # called with each request's index before it is answered
     retry_after: str = "0"  # the `retry-after` header sent with a 429
+    transcript: str = "An emulated transcript."  # what /v1/audio/transcriptions hears
 
 
-class Emulator:
+class Emulator(OpenAIMediaRoutes):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.reset()
         self.app = Starlette(routes=[
             Route("/v1/messages", self.anthropic_messages, methods=["POST"]),
             Route("/v1/chat/completions", self.openai_chat, methods=["POST"]),
+            *self.media_routes(),
         ])
 
     def reset(self, script: Script | None = None) -> Script:
@@ -72,6 +83,7 @@ class Emulator:
             self.script = script or Script()
             self.requests: list[dict[str, Any]] = []
             self.billed: list[Billed] = []
+            self.media_billed: list[MediaBilled] = []
             self.faults_sent: list[str] = []
             self._counters = {"executor": itertools.count(), "evaluator": itertools.count()}
             self._fault_iter = iter(self.script.faults)
@@ -94,9 +106,11 @@ class Emulator:
         items = self.script.executor if role == "executor" else self.script.verdicts
         return n, items[min(n, len(items) - 1)]
 
-    async def _prelude(self, request: Request, api: str) -> tuple[dict[str, Any], Response | None]:
-        body = await request.json()
-        self.requests.append({"api": api, "body": body, "headers": dict(request.headers), "at": time.monotonic()})
+    async def _prelude(self, request: Request, api: str,
+                       body: dict[str, Any] | None = None) -> tuple[dict[str, Any], Response | None]:
+        body = await request.json() if body is None else body  # a multipart upload comes already read
+        self.requests.append({"api": api, "path": request.url.path, "body": body, "headers": dict(request.headers),
+                              "at": time.monotonic()})
         if self.script.on_request is not None:
             await asyncio.to_thread(self.script.on_request, len(self.requests) - 1)
         if self.script.latency_s:
@@ -152,10 +166,16 @@ class Emulator:
         return ([{"type": "text", "text": item}] if item else []), item
 
     # --- OpenAI ----------------------------------------------------------------------------
+    @staticmethod
+    def _openai_denied(request: Request) -> Response | None:
+        if request.headers.get("authorization") == f"Bearer {OPENAI_KEY}":
+            return None
+        return JSONResponse({"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                                       "code": "invalid_api_key", "param": None}}, status_code=401)
+
     async def openai_chat(self, request: Request) -> Response:
-        if request.headers.get("authorization") != f"Bearer {OPENAI_KEY}":
-            return JSONResponse({"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
-                                           "code": "invalid_api_key", "param": None}}, status_code=401)
+        if (denied := self._openai_denied(request)) is not None:
+            return denied
         body, fault = await self._prelude(request, "openai")
         if fault is not None:
             return fault
@@ -184,9 +204,23 @@ class Emulator:
 
 def _prompt_text(body: dict[str, Any]) -> str:
     parts = [json.dumps(body.get("system", ""))]
-    parts += [json.dumps(m.get("content")) for m in body.get("messages", [])]
+    parts += [json.dumps(_billable(m.get("content"))) for m in body.get("messages", [])]
     parts.append(json.dumps(body.get("tools") or body.get("response_format") or ""))
     return "".join(parts)
+
+
+def _billable(content: Any) -> Any:
+    """Content as billed: an image costs its pixels / 750 tokens (Anthropic's published rule), not its base64."""
+    if not isinstance(content, list):
+        return content
+    return [("x" * 4 * _image_tokens(part)) if part.get("type") in ("image", "image_url") else part
+            for part in content]
+
+
+def _image_tokens(part: dict[str, Any]) -> int:
+    data = part["source"]["data"] if part["type"] == "image" else part["image_url"]["url"].split(",", 1)[1]
+    width, height = Image.open(io.BytesIO(base64.b64decode(data))).size
+    return math.ceil(width * height / 750)
 
 
 if __name__ == "__main__":
