@@ -23,6 +23,11 @@ CODE_EXTENSIONS = {
 }
 
 
+# Generated media, by the MIME type its provider returned.
+MEDIA_EXTENSIONS = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "audio/mpeg": ".mp3",
+                    "audio/wav": ".wav", "audio/x-wav": ".wav", "video/mp4": ".mp4"}
+
+
 def render(function: FunctionType, reply: str) -> tuple[str, str]:
     """The artifact text and file extension for an executor's reply."""
     if function is FunctionType.CODE_GENERATION:

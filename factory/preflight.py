@@ -11,7 +11,8 @@ import re
 from datetime import date, datetime
 
 from factory.errors import ConfigurationError, StorageError
-from factory.models import TEXT_FUNCTIONS, JobInput, StrictModel
+from factory.media import MEDIA_FUNCTIONS, MediaKind, media_api_model, media_provider_name
+from factory.models import JobInput, StrictModel
 from factory.pricing import Price, price_for
 from factory.providers import ImagePart, api_model, provider_name
 from factory.settings import FactorySettings
@@ -51,6 +52,8 @@ class JobPlan(StrictModel):
     job: JobInput
     executor: ModelPlan
     evaluator: ModelPlan
+    media_kind: MediaKind | None = None
+    transcriber: ModelPlan | None = None
     artifact_dir: Location
     final_path: Location | None
     log_path: Location
@@ -88,23 +91,40 @@ async def plan_job(job: JobInput, settings: FactorySettings, storage: Storage, t
     Raises:
         ConfigurationError: the first problem found, naming its field.
     """
-    if job.function not in TEXT_FUNCTIONS:
-        raise ConfigurationError(
-            "function", f"{job.function.value} needs a media generation model, which this deployment does not "
-            f"have yet; use one of {', '.join(sorted(f.value for f in TEXT_FUNCTIONS))}.")
     warnings: list[str] = []
-    executor = plan_model(job.executor_model or settings.default_executor_model, "executor_model", settings,
-                          today, warnings)
+    kind = MEDIA_FUNCTIONS.get(job.function)
+    if kind is None:
+        executor = plan_model(job.executor_model or settings.default_executor_model, "executor_model", settings,
+                              today, warnings)
+    else:
+        executor = plan_media_model(job, kind, settings)
     evaluator = plan_model(job.evaluator_model or settings.default_evaluator_model, "evaluator_model", settings,
                            today, warnings)
     job_dir = storage.resolve(job.job_id, "job_id")
     artifact_dir, final_path = _output_paths(job, storage, job_dir)
     log_path = log_path_for(job.job_id, job.log_ref, storage)
+    transcriber = None
+    if kind is MediaKind.AUDIO:
+        name = settings.transcription_model
+        transcriber = ModelPlan(name=name, provider="openai", api_name=name,
+                                price=price_for(name, settings, "FACTORY_TRANSCRIPTION_MODEL"))
     return JobPlan(
-        job=job, executor=executor, evaluator=evaluator, artifact_dir=artifact_dir, final_path=final_path,
+        job=job, executor=executor, evaluator=evaluator, media_kind=kind, transcriber=transcriber,
+        artifact_dir=artifact_dir, final_path=final_path,
         log_path=log_path, result_path=job_dir.child("result.json"), inputs=await _read_inputs(job, storage),
         warnings=warnings,
     )
+
+
+def plan_media_model(job: JobInput, kind: MediaKind, settings: FactorySettings) -> ModelPlan:
+    """The generation model of an IMAGE/AUDIO/VIDEO job: routed, priced, and given only what it can use."""
+    if job.input_refs:
+        raise ConfigurationError("input_refs", f"{job.function.value} models take a text prompt only; put what "
+                                               "the reference says into the seed, or drop input_refs.")
+    name = job.executor_model or getattr(settings, f"default_{kind.value}_model")
+    provider = media_provider_name(name, kind, "executor_model")
+    return ModelPlan(name=name, provider=provider, api_name=media_api_model(name),
+                     price=price_for(name, settings, "executor_model"))
 
 
 def log_path_for(job_id: str, log_ref: str | None, storage: Storage) -> Location:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 
+from factory.media.base import MediaKind
 from factory.models import FunctionType
 
 EXECUTOR_SYSTEM = (
@@ -89,10 +90,35 @@ def executor_prompt(
     return "\n\n".join(parts)
 
 
-def evaluator_prompt(objective: str, seed: str, artifact: str) -> str:
-    return "\n\n".join([
+MEDIA_FEEDBACK = (
+    "The artifact is {kind} made by a generation model that sees only a text prompt. In `feedback_for_executor`, "
+    "write the complete prompt to give that model next (not advice about it): it will see nothing else, neither "
+    "the objective nor its earlier prompts."
+)
+MEDIA_NOUN = {MediaKind.IMAGE: "an image", MediaKind.AUDIO: "audio", MediaKind.VIDEO: "a video"}
+MEDIA_SHOWN = {
+    MediaKind.IMAGE: "The image is attached.",
+    MediaKind.VIDEO: "{frames} frames sampled evenly from the video are attached, in order.",
+    MediaKind.AUDIO: "You cannot hear it: judge it from the transcript and the measured facts below.",
+}
+
+
+def media_description(kind: MediaKind, prompt: str, facts: str, transcript: str | None, frames: int) -> str:
+    """What the evaluator reads about generated media, beside the images it is shown."""
+    parts = [MEDIA_SHOWN[kind].format(frames=frames), f"Prompt it was generated from:\n{prompt}",
+             f"Measured from the file:\n{facts}"]
+    if transcript is not None:
+        parts.append(f"Transcript (speech recognition):\n{transcript or '(no speech recognised)'}")
+    return "\n\n".join(parts)
+
+
+def evaluator_prompt(objective: str, seed: str, artifact: str, media: MediaKind | None = None) -> str:
+    parts = [
         f"Objective the artifact must meet:\n{objective}",
         f"Instruction the executor was given:\n{seed}",
         "Artifact to judge:\n" + delimit("ARTIFACT", artifact),
         "Judge the artifact against the objective and submit your verdict.",
-    ])
+    ]
+    if media is not None:
+        parts.append(MEDIA_FEEDBACK.format(kind=MEDIA_NOUN[media]))
+    return "\n\n".join(parts)

@@ -25,14 +25,16 @@ from factory.models import (CallRecord, Event, IterationDetail, IterationOutput,
 from factory.preflight import JobPlan, ModelPlan
 from factory.prompts import (EVALUATOR_SYSTEM, EXECUTOR_SYSTEM, REPAIR_INSTRUCTION, VERDICT_SCHEMA,
                              VERDICT_TOOL, VERDICT_TOOL_DESCRIPTION, evaluator_prompt, executor_prompt)
-from factory.providers import DRY_RUN_MODEL, ChatRequest, Message, TextPart
+from factory.providers import DRY_RUN_MODEL, ChatRequest, ImagePart, Message, TextPart
 from factory.settings import FactorySettings
 from factory.storage import get_storage
 from factory.verdict import UnreadableVerdict, parse_verdict, unjudged_verdict, unparseable_verdict
+from flows.media import Made, make_media
 from flows.report import JobReport
 from tasks.calls import CallResult
 from tasks.evaluate import evaluate_artifact
 from tasks.generate import generate_artifact
+from tasks.media import generate_media, transcribe_audio
 from tasks.retry import retry_options
 from tasks.store import store_artifact
 
@@ -50,7 +52,8 @@ STOP_EVENTS = {
 @dataclass
 class Iteration:
     number: int
-    artifact: str
+    shown: str
+    data: bytes
     artifact_ref: str
     verdict: Verdict
     cost: Decimal
@@ -72,6 +75,8 @@ class JobRun:
         options = retry_options()
         self.generate = generate_artifact.with_options(**options)
         self.evaluate = evaluate_artifact.with_options(**options)
+        self.generate_media = generate_media.with_options(**options)
+        self.transcribe = transcribe_audio.with_options(**options)
         self.report = JobReport(self.plan.job.job_id, self.plan.job.function, self.plan.job.limits)
 
     async def run(self) -> JobResult:
@@ -112,35 +117,18 @@ class JobRun:
         started = time.perf_counter()
         await self.log.emit(Event.ITERATION_START, iteration=n, spent_usd=float(self.budget.spent))
         previous = self.iterations[-1] if self.iterations else None
-        inputs = self.plan.inputs
-        prompt = executor_prompt(
-            self.plan.job.seed, self.plan.job.function, [(i.ref, i.text) for i in inputs if i.text is not None],
-            [i.ref for i in inputs if i.image is not None],
-            previous.artifact if previous else None, previous.verdict.feedback_for_executor if previous else None,
-            previous.verdict.strengths if previous else [], previous.verdict.weaknesses if previous else [])
-        images = [i.image for i in inputs if i.image is not None]
-        content = [*images, TextPart(text=prompt)] if images else prompt  # images first, as Anthropic advises
-        request = ChatRequest(model=self.plan.executor.api_name, system=EXECUTOR_SYSTEM,
-                              messages=[Message(role="user", content=content)],
-                              max_tokens=self.settings.executor_max_tokens)
-        generated = await self._call(self.generate, Event.EXECUTOR_CALL, n, "executor", self.plan.executor, request)
-        text, extension = render(self.plan.job.function, generated.reply.text)
-        location = self.plan.artifact_dir.child(f"iteration-{n:02d}{extension}")
-        digest = await store_artifact(location, text.encode())
-        output = IterationOutput(artifact_ref=location.ref, artifact_hash=digest, executor_model=generated.reply.model,
-                                 cost_usd=float(generated.call.cost_usd), tokens_used=generated.call.usage.total,
-                                 metadata={"stop_reason": generated.reply.stop_reason,
-                                           **generated.call.usage.model_dump()})
-        await self.log.emit(Event.EXECUTOR_RESPONSE, iteration=n, **output.model_dump())
+        made = await (self._make_text(n, previous) if self.plan.media_kind is None
+                      else make_media(self, n, previous))
+        await self.log.emit(Event.EXECUTOR_RESPONSE, iteration=n, **made.output.model_dump())
         try:
-            verdict, eval_cost = await self._judge(n, text)
+            verdict, eval_cost = await self._judge(n, made.shown, made.images)
         except (BudgetExceeded, DeadlineExceeded) as exc:
             # The artifact was paid for: keep it in the result, marked as not judged.
-            self._record(n, text, location.ref, unjudged_verdict(str(exc)), generated.call.cost_usd, started)
+            self._record(n, made, unjudged_verdict(str(exc)), made.cost, started)
             raise
-        done = self._record(n, text, location.ref, verdict, generated.call.cost_usd + eval_cost, started)
-        self.report.iteration(n, text, location.ref, extension, verdict, done.cost, self.budget.spent,
-                              done.duration_ms)
+        done = self._record(n, made, verdict, made.cost + eval_cost, started)
+        self.report.iteration(n, made.shown, made.location.ref, made.extension, verdict, done.cost,
+                              self.budget.spent, done.duration_ms)
         await self.log.emit(Event.ITERATION_END, iteration=n, converged=verdict.converged,
                             confidence=verdict.confidence, cost_usd=float(done.cost),
                             spent_usd=float(self.budget.spent), duration_ms=done.duration_ms)
@@ -149,19 +137,43 @@ class JobRun:
                       "confidence": verdict.confidence, "spent_usd": float(self.budget.spent)})
         return done
 
-    def _record(self, n: int, text: str, ref: str, verdict: Verdict, cost: Decimal, started: float) -> Iteration:
-        done = Iteration(n, text, ref, verdict, cost, int((time.perf_counter() - started) * 1000))
+    async def _make_text(self, n: int, previous: Iteration | None) -> Made:
+        inputs = self.plan.inputs
+        prompt = executor_prompt(
+            self.plan.job.seed, self.plan.job.function, [(i.ref, i.text) for i in inputs if i.text is not None],
+            [i.ref for i in inputs if i.image is not None],
+            previous.shown if previous else None, previous.verdict.feedback_for_executor if previous else None,
+            previous.verdict.strengths if previous else [], previous.verdict.weaknesses if previous else [])
+        images = [i.image for i in inputs if i.image is not None]
+        content = [*images, TextPart(text=prompt)] if images else prompt  # images first, as Anthropic advises
+        request = ChatRequest(model=self.plan.executor.api_name, system=EXECUTOR_SYSTEM,
+                              messages=[Message(role="user", content=content)],
+                              max_tokens=self.settings.executor_max_tokens)
+        generated = await self.call(self.generate, Event.EXECUTOR_CALL, n, "executor", self.plan.executor, request)
+        text, extension = render(self.plan.job.function, generated.reply.text)
+        location = self.plan.artifact_dir.child(f"iteration-{n:02d}{extension}")
+        digest = await store_artifact(location, text.encode())
+        output = IterationOutput(artifact_ref=location.ref, artifact_hash=digest, executor_model=generated.reply.model,
+                                 cost_usd=float(generated.call.cost_usd), tokens_used=generated.call.usage.total,
+                                 metadata={"stop_reason": generated.reply.stop_reason,
+                                           **generated.call.usage.model_dump()})
+        return Made(text, text.encode(), extension, location, output, generated.call.cost_usd)
+
+    def _record(self, n: int, made: Made, verdict: Verdict, cost: Decimal, started: float) -> Iteration:
+        done = Iteration(n, made.shown, made.data, made.location.ref, verdict, cost,
+                         int((time.perf_counter() - started) * 1000))
         self.iterations.append(done)
         return done
 
-    async def _judge(self, n: int, artifact: str) -> tuple[Verdict, Decimal]:
-        """The verdict on an artifact, with one repair call if the first reply is unreadable."""
-        prompt = evaluator_prompt(self.plan.job.objective, self.plan.job.seed, artifact)
+    async def _judge(self, n: int, artifact: str, images: list[ImagePart]) -> tuple[Verdict, Decimal]:
+        """The verdict on an artifact (media shown as images), with one repair call if the reply is unreadable."""
+        prompt = evaluator_prompt(self.plan.job.objective, self.plan.job.seed, artifact, self.plan.media_kind)
+        content = [*images, TextPart(text=prompt)] if images else prompt
         request = ChatRequest(model=self.plan.evaluator.api_name, system=EVALUATOR_SYSTEM,
-                              messages=[Message(role="user", content=prompt)],
+                              messages=[Message(role="user", content=content)],
                               max_tokens=self.settings.evaluator_max_tokens, response_schema=VERDICT_SCHEMA,
                               schema_name=VERDICT_TOOL, schema_description=VERDICT_TOOL_DESCRIPTION)
-        first = await self._call(self.evaluate, Event.EVALUATOR_CALL, n, "evaluator", self.plan.evaluator, request)
+        first = await self.call(self.evaluate, Event.EVALUATOR_CALL, n, "evaluator", self.plan.evaluator, request)
         cost = first.call.cost_usd
         try:
             verdict = parse_verdict(first.reply.structured, first.reply.text)
@@ -179,7 +191,7 @@ class JobRun:
             Message(role="user", content=REPAIR_INSTRUCTION.format(error=error))]})
         get_run_logger().warning("Iteration %d: evaluator reply unreadable (%s); asking once more.", n, error)
         try:
-            second = await self._call(self.evaluate, Event.EVALUATOR_CALL, n, "evaluator-repair",
+            second = await self.call(self.evaluate, Event.EVALUATOR_CALL, n, "evaluator-repair",
                                       self.plan.evaluator, repair)
         except BudgetExceeded as exc:
             return unparseable_verdict(f"{error}; not asked again: {exc}"), Decimal(0)
@@ -188,14 +200,20 @@ class JobRun:
         except UnreadableVerdict as exc:
             return unparseable_verdict(f"{error}; after one repair: {exc}"), second.call.cost_usd
 
-    async def _call(self, task, event: Event, n: int, role: str, model: ModelPlan, request: ChatRequest) -> CallResult:
-        worst = model.price.worst_case(request.input_token_bound(), request.max_tokens)
+    async def call(self, task, event: Event, n: int, role: str, model: ModelPlan, request,
+                    worst: Decimal | None = None, **extra):
+        """Check the budget against the call's worst case, make the call through its task, charge what it cost.
+
+        `worst` defaults to a chat request's bound; media calls pass their own.
+        """
+        if worst is None:
+            worst = model.price.worst_case(request.input_token_bound(), request.max_tokens)
         what = f"the {role} call of iteration {n}"
         self.report.budget(self.budget.spent, worst, what)
         self.budget.check(worst, what)
         await self.log.emit(event, iteration=n, role=role, model=model.name, worst_case_usd=float(worst))
-        result: CallResult = await task(self.plan.job.job_id, n, role, model.provider, request, model.price,
-                                        self.deadline)
+        result = await task(self.plan.job.job_id, n, role, model.provider, request, price=model.price,
+                            deadline=self.deadline, **extra)
         self.budget.charge(result.call.cost_usd)
         self.calls.append(result.call)
         return result
@@ -206,7 +224,7 @@ class JobRun:
             await self.log.emit(STOP_EVENTS[stop], stop_reason=stop.value, detail=error)
         if self.plan.final_path is not None and result.final_artifact_ref is not None:
             best = next(i for i in self.iterations if i.artifact_ref == result.final_artifact_ref)
-            await store_artifact(self.plan.final_path, best.artifact.encode())
+            await store_artifact(self.plan.final_path, best.data)
         await get_storage().write(self.plan.result_path, result.model_dump_json(indent=2).encode())
         await self.log.emit(Event.JOB_COMPLETED, status=result.status.value, stop_reason=stop.value,
                             total_cost_usd=result.total_cost_usd, total_iterations=result.total_iterations,

@@ -8,9 +8,11 @@ import hashlib
 import time
 import weakref
 from decimal import Decimal
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from prefect.context import TaskRunContext
+from pydantic import SecretStr
 
 from blocks.credentials import api_key_for
 from factory.errors import DeadlineExceeded, TransientProviderError
@@ -20,18 +22,19 @@ from factory.providers import ChatReply, ChatRequest, Provider, make_provider
 from factory.settings import get_settings
 
 
+C = TypeVar("C")
 # Provider clients hold connection pools bound to the event loop that made them: one set per loop.
-_providers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str], Provider]] = (
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Callable, str, str], Any]] = (
     weakref.WeakKeyDictionary())
 
 
-async def provider_client(provider: str) -> Provider:
-    """The running loop's client for `provider` and its current key, built on first use."""
+async def client_for(provider: str, make: Callable[[str, SecretStr | None], C]) -> C:
+    """The running loop's client made by `make` for `provider` and its current key, built on first use."""
     key = await api_key_for(provider)
-    clients = _providers.setdefault(asyncio.get_running_loop(), {})
-    slot = (provider, key.get_secret_value() if key else "")
+    clients = _clients.setdefault(asyncio.get_running_loop(), {})
+    slot = (make, provider, key.get_secret_value() if key else "")
     if slot not in clients:
-        clients[slot] = make_provider(provider, key)
+        clients[slot] = make(provider, key)
     return clients[slot]
 
 
@@ -42,9 +45,21 @@ class CallResult(StrictModel):
 
 def call_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """`<job>-<iteration>-<role>-<hash of provider + request>`; deadline and price are left out."""
-    request: ChatRequest = parameters["request"]
+    request = parameters["request"]
     digest = hashlib.sha256(f"{parameters['provider']}\n{request.model_dump_json()}".encode()).hexdigest()
     return f"factory-{parameters['job_id']}-{parameters['iteration']:03d}-{parameters['role']}-{digest[:32]}"
+
+
+def time_left(deadline: float, role: str) -> float:
+    """Seconds one call may take: the provider timeout, or less when the job's deadline is nearer.
+
+    Raises:
+        DeadlineExceeded: no time is left.
+    """
+    left = deadline - time.time()
+    if left <= 0:
+        raise DeadlineExceeded(f"the job's deadline passed before the {role} call")
+    return min(get_settings().request_timeout_s, left)
 
 
 async def billed_call(provider: str, request: ChatRequest, price: Price, deadline: float, role: str) -> CallResult:
@@ -54,11 +69,8 @@ async def billed_call(provider: str, request: ChatRequest, price: Price, deadlin
         DeadlineExceeded: no time is left, or the call ran into the deadline.
         TransientProviderError, ProviderAuthError, ProviderRequestError: from the provider.
     """
-    left = deadline - time.time()
-    if left <= 0:
-        raise DeadlineExceeded(f"the job's deadline passed before the {role} call")
-    timeout = min(get_settings().request_timeout_s, left)
-    client = await provider_client(provider)
+    timeout = time_left(deadline, role)
+    client: Provider = await client_for(provider, make_provider)
     started = time.perf_counter()
     try:
         reply = await client.complete(request, timeout_s=timeout)

@@ -74,12 +74,17 @@ PREFLIGHT = [
     ({"executor_model": "claude-unpriced-9"}, "executor_model", "no price is known"),
     ({"evaluator_model": "mystery-model"}, "evaluator_model", "cannot tell which provider"),
     ({"executor_model": "claude-mythos-preview"}, "executor_model", "retired on 2026-06-30"),
-    ({"function": "IMAGE_GENERATION"}, "function", "media generation model"),
+    ({"function": "IMAGE_GENERATION", "executor_model": "claude-sonnet-5-5"}, "executor_model", "makes no image"),
+    ({"function": "IMAGE_GENERATION"}, "executor_model", "no API key for fal"),
+    ({"function": "VIDEO_GENERATION", "input_refs": ["notes.txt"]}, "input_refs", "text prompt only"),
+    ({"function": "AUDIO_GENERATION", "executor_model": "elevenlabs:eleven_v9"}, "executor_model",
+     "no price is known"),
     ({"input_refs": ["missing/notes.txt"]}, "input_refs[0]", "cannot be read"),
 ]
 
 
-@pytest.mark.parametrize("overrides, field, message", PREFLIGHT, ids=[f for _, f, _ in PREFLIGHT])
+@pytest.mark.parametrize("overrides, field, message", PREFLIGHT,
+                         ids=[f"{f}-{i}" for i, (_, f, _) in enumerate(PREFLIGHT)])
 async def test_preflight_refuses_before_any_call(factory_env, overrides, field, message):
     llm = factory_env
     state = await run_job(**overrides)
