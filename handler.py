@@ -30,6 +30,13 @@ from flows.loop import progress_listener
 logger = logging.getLogger("factory.handler")
 PROJECT_DIR = Path(__file__).resolve().parent
 
+# Models load once per RunPod worker, here, outside the handler function: jobs run through the original
+# API generate in this process (FACTORY_GPU_LOCAL). Flow runs from the worker run in their own process.
+if os.environ.get("FACTORY_PRELOAD_MODELS"):
+    from factory.media.diffusers import preload_from_env
+
+    preload_from_env()
+
 
 async def run_command(command: str, env: dict[str, str]) -> dict[str, Any]:
     """Run a flow-run command from the worker in this image's project folder; its exit code is the result."""

@@ -1,5 +1,5 @@
 """State hooks of the `factory` flow: close the event log when Prefect cancels the run, a crash kills
-it, or an unexpected error fails it.
+it, or an unexpected error fails it; cancel the GPU generation runs it leaves behind.
 
 They run where Prefect runs them (the worker, after the flow's process ended), so they rebuild
 the log's location from the run's parameters alone.
@@ -14,6 +14,7 @@ from factory.eventlog import EventLog
 from factory.models import Event, JobStatus, StopReason
 from factory.preflight import log_path_for
 from factory.storage import get_storage
+from tasks.media import cancel_gpu_children
 
 
 async def _close_log(flow_run: Any, status: JobStatus, stop: StopReason | None, note: str) -> None:
@@ -33,10 +34,12 @@ async def _close_log(flow_run: Any, status: JobStatus, stop: StopReason | None, 
 
 
 async def record_cancellation(flow: Any, flow_run: Any, state: Any) -> None:
+    await cancel_gpu_children(flow_run.id)  # a GPU generation in flight keeps billing until cancelled
     await _close_log(flow_run, JobStatus.CANCELLED, StopReason.CANCELLED, state.message or "cancelled through Prefect")
 
 
 async def record_crash(flow: Any, flow_run: Any, state: Any) -> None:
+    await cancel_gpu_children(flow_run.id)
     note = f"the flow run crashed: {state.message or 'no message'}; re-run with the same job_id to resume"
     await _close_log(flow_run, JobStatus.FAILED, StopReason.ERROR, note)
 

@@ -61,6 +61,19 @@ def run_cli(args: list[str], env: dict[str, str], timeout_s: float = 120.0) -> s
                           timeout=timeout_s)
 
 
+def flow_run_state(api_url: str, flow_run_id: str) -> str:
+    return httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=10).json()["state"]["type"]
+
+
+def wait_state(served: dict, flow_run_id: str, states: set[str], timeout_s: float = 180) -> str:
+    """Wait for a flow run of a `served_deployment` to reach one of `states`; the worker's log on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while (state := flow_run_state(served["api_url"], flow_run_id)) not in states:
+        assert time.monotonic() < deadline, f"{state}: " + served["worker"].log.read_text()[-3000:]
+        time.sleep(0.5)
+    return state
+
+
 def process_pool(env: dict[str, str], work: Path) -> list[str]:
     return ["--type", "process"]
 

@@ -14,10 +14,10 @@ import httpx
 import pytest
 
 from tests.emulators.llm import Script
-from tests.emulators.runpod import REPO, RUNPOD_KEY, RunPodEmulator
+from tests.emulators.runpod import REPO, RUNPOD_KEY, RunPodEmulator, runpod_pool_options
 from tests.emulators.server import ThreadedServer
 from tests.helpers import DONE, NOT_YET
-from tests.processes import run_cli, served_deployment
+from tests.processes import run_cli, served_deployment, wait_state
 
 pytestmark = pytest.mark.cli
 
@@ -34,22 +34,10 @@ def runpod_api():
 @pytest.fixture(scope="module")
 def gpu_pool(llm_server, runpod_api, tmp_path_factory):
     emulator, api_url = runpod_api
-
-    def runpod_pool(env: dict[str, str], work) -> list[str]:
-        template = json.loads(run_cli(["work-pool", "get-default-base-job-template", "--type", "runpod"], env).stdout)
-        template["variables"]["properties"]["endpoint_id"]["default"] = "factory-gpu-test"
-        template["variables"]["properties"]["api_url"]["default"] = api_url
-        template["variables"]["properties"]["poll_interval_s"]["default"] = 0.5
-        (work / "template.json").write_text(json.dumps(template))
-        return ["--type", "runpod", "--base-job-template", str(work / "template.json")]
-
     with served_deployment(tmp_path_factory.mktemp("gpu"), {"RUNPOD_API_KEY": RUNPOD_KEY}, pool="factory-gpu",
-                           pool_options=runpod_pool, prefect_file="tests/prefect-gpu.yaml") as served:
+                           pool_options=runpod_pool_options(api_url),
+                           prefect_file="tests/prefect-gpu.yaml") as served:
         yield {**served, "emulator": emulator}
-
-
-def flow_run_state(api_url: str, flow_run_id: str) -> str:
-    return httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=10).json()["state"]["type"]
 
 
 def start_run(gpu_pool, job_id: str, **params) -> str:
@@ -57,14 +45,6 @@ def start_run(gpu_pool, job_id: str, **params) -> str:
     run = run_cli(["deployment", "run", "factory/gpu-job", "--params", json.dumps(body)], gpu_pool["env"])
     assert run.returncode == 0, run.stdout + run.stderr
     return re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
-
-
-def wait_state(gpu_pool, flow_run_id: str, states: set[str], timeout_s: float = 180) -> str:
-    deadline = time.monotonic() + timeout_s
-    while (state := flow_run_state(gpu_pool["api_url"], flow_run_id)) not in states:
-        assert time.monotonic() < deadline, f"{state}: " + gpu_pool["worker"].log.read_text()[-3000:]
-        time.sleep(0.5)
-    return state
 
 
 def test_default_job_template_lists_the_runpod_variables(gpu_pool):

@@ -106,8 +106,10 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         code = TERMINAL[status["status"]]
         if status["status"] == "COMPLETED":
             code = int((status.get("output") or {}).get("exit_code", 0))
-        else:
-            logger.error("RunPod job %s ended %s: %s", job_id, status["status"], status.get("error") or "no detail")
+        else:  # the flow run never got to report its end: say why it stopped, in RunPod's words
+            detail = status.get("error") or (f"execution timeout of {configuration.execution_timeout_s} s"
+                                             if status["status"] == "TIMED_OUT" else "no detail")
+            await self._propose_crashed_state(flow_run, f"RunPod job {job_id} {status['status']}: {detail}")
         return RunPodWorkerResult(identifier=job_id, status_code=code)
 
     async def _wait(self, client: httpx.AsyncClient, configuration: RunPodJobConfiguration, job_id: str,

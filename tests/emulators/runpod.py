@@ -40,6 +40,23 @@ class Job:
     process: subprocess.Popen | None = field(default=None, repr=False)
 
 
+def runpod_pool_options(api_url: str, endpoint_id: str = "factory-gpu-test"):
+    """`prefect work-pool create` options for a `runpod` pool pointed at this emulator (for served_deployment)."""
+
+    def options(env: dict[str, str], work: Path) -> list[str]:
+        from tests.processes import run_cli
+
+        listed = run_cli(["work-pool", "get-default-base-job-template", "--type", "runpod"], env)
+        template = json.loads(listed.stdout)
+        template["variables"]["properties"]["endpoint_id"]["default"] = endpoint_id
+        template["variables"]["properties"]["api_url"]["default"] = api_url
+        template["variables"]["properties"]["poll_interval_s"]["default"] = 0.5
+        (work / "template.json").write_text(json.dumps(template))
+        return ["--type", "runpod", "--base-job-template", str(work / "template.json")]
+
+    return options
+
+
 class RunPodEmulator:
     def __init__(self) -> None:
         self.jobs: dict[str, Job] = {}

@@ -1,0 +1,155 @@
+"""GPU generation end to end, as deployed: a real Prefect server; the job flow as `factory/job` on a process
+worker (`factory-local`); its image generation as child flow runs on the `factory-gpu` pool, picked up by a
+`runpod` worker process, sent to the RunPod emulator, and executed by handler.py from bundles stored in a
+real S3 server (moto) with results in S3 too. The GPU model is a tiny random diffusers pipeline, run on
+the CPU; the evaluator is the Anthropic emulator, which must receive the image itself."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.emulators.runpod import RUNPOD_KEY, RunPodEmulator, runpod_pool_options
+from tests.emulators.server import ThreadedServer
+from tests.processes import Background, prefect_bin, run_cli, served_deployment, wait_state
+from tests.s3server import BUCKET
+from tests.tiny_pipeline import build_tiny_text_to_image_pipeline
+
+pytestmark = pytest.mark.cli
+GPU_PRICE_PER_S = Decimal("0.00031")
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@pytest.fixture(scope="module")
+def gpu_stack(llm_server, s3_server, tmp_path_factory):
+    emulator = RunPodEmulator()
+    runpod_api = ThreadedServer(emulator.app).start()
+    model = build_tiny_text_to_image_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd")
+    # What the RunPod workers (the emulator's handler processes) inherit: offline, two denoising steps.
+    gpu_env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FACTORY_DIFFUSERS_STEPS": "2"}
+    saved = {name: os.environ.get(name) for name in gpu_env}
+    os.environ.update(gpu_env)
+    job_env = {"RUNPOD_API_KEY": RUNPOD_KEY, "FACTORY_MEDIA_WIDTH": "64", "FACTORY_MEDIA_HEIGHT": "64",
+               "FACTORY_GPU_TIMEOUT_S": "240", "FACTORY_RETRIES": "2", "FACTORY_RETRY_DELAY_S": "0.1",
+               "FACTORY_PRICES": json.dumps({f"diffusers:{model}": {"per_gpu_second": str(GPU_PRICE_PER_S)}})}
+    work = tmp_path_factory.mktemp("gpu-stack")
+    try:
+        with served_deployment(work, job_env, pool="factory-gpu", pool_options=runpod_pool_options(
+                f"{runpod_api.url}/v2"), prefect_file="tests/prefect-gpu.yaml") as served:
+            env = served["env"]
+            registered = subprocess.run([sys.executable, "-m", "blocks.register"], env=env, capture_output=True,
+                                        text=True, timeout=120)
+            assert registered.returncode == 0, registered.stderr
+            configured = run_cli(["work-pool", "storage", "configure", "s3", "factory-gpu", "--bucket", BUCKET,
+                                  "--aws-credentials-block-name", "factory-aws", "--launcher", sys.executable], env)
+            assert configured.returncode == 0, configured.stdout + configured.stderr
+            assert run_cli(["work-pool", "create", "factory-local", "--type", "process"], env).returncode == 0
+            deployed = run_cli(["--no-prompt", "deploy", "--all"], env)
+            assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+            cpu_worker = Background([prefect_bin(), "worker", "start", "--pool", "factory-local"], env,
+                                    work / "cpu-worker.log")
+            try:
+                yield {**served, "emulator": emulator, "model": model, "cpu_worker": cpu_worker, "s3": s3_server}
+            finally:
+                cpu_worker.stop()
+    finally:
+        emulator.stop_all()
+        runpod_api.stop()
+        for name, value in saved.items():
+            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+
+
+def start_job(stack, job_id: str) -> str:
+    params = {"seed": "A red circle on a white background.", "objective": "A single red circle, centred.",
+              "function": "IMAGE_GENERATION", "job_id": job_id, "executor_model": f"diffusers:{stack['model']}"}
+    run = run_cli(["deployment", "run", "factory/job", "--params", json.dumps(params)], stack["env"])
+    assert run.returncode == 0, run.stdout + run.stderr
+    return re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+
+
+def wait_job(stack, flow_run_id: str, states: set[str] = FINAL, timeout_s: float = 300) -> str:
+    return wait_state({**stack, "worker": stack["cpu_worker"]}, flow_run_id, states, timeout_s)
+
+
+def children(stack, parent_id: str) -> list[dict]:
+    body = {"flow_runs": {"parent_flow_run_id": {"any_": [parent_id]}}, "sort": "EXPECTED_START_TIME_ASC"}
+    return httpx.post(f"{stack['api_url']}/flow_runs/filter", json=body, timeout=10).json()
+
+
+def logs(stack) -> str:
+    return "\n".join(p.log.read_text()[-4000:] for p in (stack["worker"], stack["cpu_worker"]))
+
+
+def test_an_image_job_generates_on_the_gpu_pool_and_the_evaluator_sees_the_image(gpu_stack, llm_server):
+    llm_server.reset()
+    parent = start_job(gpu_stack, "gpu-image")
+    assert wait_job(gpu_stack, parent) == "COMPLETED", logs(gpu_stack)
+    result = json.loads((gpu_stack["storage"] / "gpu-image" / "result.json").read_text())
+    assert result["status"] == "CONVERGED" and result["total_iterations"] == 1
+    image = Path(result["final_artifact_ref"]).read_bytes()
+    assert Image.open(io.BytesIO(image)).size == (64, 64)
+
+    [child] = children(gpu_stack, parent)
+    assert child["state"]["type"] == "COMPLETED" and child["work_pool_name"] == "factory-gpu"
+    [job] = [j for j in gpu_stack["emulator"].jobs.values() if j.payload["input"]["env"].get(
+        "PREFECT__FLOW_RUN_ID") == child["id"]]
+    deadline = time.monotonic() + 30
+    while job.status == "IN_PROGRESS" and time.monotonic() < deadline:  # the handler's process is exiting
+        time.sleep(0.2)
+    assert job.status == "COMPLETED" and "bundles.execute" in job.payload["input"]["command"]
+    keys = [o["Key"] for o in gpu_stack["s3"].client().list_objects_v2(Bucket=BUCKET).get("Contents", [])]
+    assert any(k.startswith("results/") for k in keys), keys  # the child's MediaResult, read back from S3
+
+    [judged] = [r for r in llm_server.requests if r["api"] == "anthropic" and r["body"].get("tools")]
+    blocks = judged["body"]["messages"][0]["content"]
+    [shown] = [b for b in blocks if b["type"] == "image"]
+    assert base64.b64decode(shown["source"]["data"]) == image
+    assert "64x64" in json.dumps(blocks) or "64 x 64" in json.dumps(blocks)
+
+    executor = [e for e in json.loads((gpu_stack["storage"] / "gpu-image" / "log.json").read_text())["events"]
+                if e["event"] == "EXECUTOR_RESPONSE"][0]["data"]
+    gpu_seconds = Decimal(str(executor["metadata"]["gpu_seconds"]))
+    assert gpu_seconds >= 1 and gpu_seconds == gpu_seconds.to_integral_value()
+    assert Decimal(str(executor["cost_usd"])) == gpu_seconds * GPU_PRICE_PER_S
+
+
+@pytest.mark.parametrize("outcome", ["FAILED", "TIMED_OUT"])
+def test_a_failed_runpod_job_crashes_the_child_and_the_parent_retries(gpu_stack, llm_server, outcome):
+    llm_server.reset()
+    gpu_stack["emulator"].force = outcome
+    parent = start_job(gpu_stack, f"gpu-retry-{outcome.lower()}")
+    assert wait_job(gpu_stack, parent) == "COMPLETED", logs(gpu_stack)
+    first, second = children(gpu_stack, parent)
+    assert first["state"]["type"] == "CRASHED" and outcome in first["state"]["message"]
+    assert second["state"]["type"] == "COMPLETED"
+    result = json.loads((gpu_stack["storage"] / f"gpu-retry-{outcome.lower()}" / "result.json").read_text())
+    assert result["status"] == "CONVERGED"
+
+
+def test_cancelling_the_job_cancels_its_runpod_job(gpu_stack, llm_server):
+    llm_server.reset()
+    gpu_stack["emulator"].hold = True  # no GPU worker free: the RunPod job waits in the queue
+    parent = start_job(gpu_stack, "gpu-cancel")
+    deadline = time.monotonic() + 120
+    while not (kids := children(gpu_stack, parent)) or not httpx.get(
+            f"{gpu_stack['api_url']}/flow_runs/{kids[0]['id']}", timeout=10).json()["infrastructure_pid"]:
+        assert time.monotonic() < deadline, logs(gpu_stack)
+        time.sleep(0.5)
+    job_id = httpx.get(f"{gpu_stack['api_url']}/flow_runs/{kids[0]['id']}", timeout=10).json()["infrastructure_pid"]
+    cancel = run_cli(["flow-run", "cancel", parent], gpu_stack["env"])
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    assert wait_job(gpu_stack, parent, {"CANCELLED"}, timeout_s=90) == "CANCELLED"
+    assert wait_state(gpu_stack, kids[0]["id"], {"CANCELLED"}, timeout_s=90) == "CANCELLED"
+    assert gpu_stack["emulator"].jobs[job_id].status == "CANCELLED" and job_id in gpu_stack["emulator"].cancelled
