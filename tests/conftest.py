@@ -18,6 +18,9 @@ os.environ.update({
     "FACTORY_STORAGE_ROOT": str(_SESSION_DIR / "storage"),
     "FACTORY_RETRY_DELAY_S": "0.05",
     "FACTORY_RETRIES": "6",
+    # Media APIs answer only where a test starts their emulator (the media_api fixture): never the real hosts.
+    "FACTORY_FAL_URL": "http://127.0.0.1:9", "FACTORY_FAL_QUEUE_URL": "http://127.0.0.1:9",
+    "FACTORY_ELEVENLABS_URL": "http://127.0.0.1:9",
 })
 for _leak in ("ANTHROPIC_AUTH_TOKEN", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"):
     os.environ.pop(_leak, None)
@@ -25,6 +28,7 @@ for _leak in ("ANTHROPIC_AUTH_TOKEN", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"):
 import pytest  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
+from blocks import credentials  # noqa: E402
 from factory.pricing import price_table  # noqa: E402
 from factory.settings import get_settings  # noqa: E402
 from factory.storage import get_storage  # noqa: E402
@@ -82,8 +86,10 @@ def prefect_server():
 
 
 def reset_settings() -> None:
+    """Forget what a process reads once: settings, storage, provider keys (a test may have changed them)."""
     get_settings.cache_clear()
     get_storage.cache_clear()
+    credentials._cache.clear()
 
 
 @pytest.fixture

@@ -80,7 +80,7 @@ def process_pool(env: dict[str, str], work: Path) -> list[str]:
 
 @contextmanager
 def served_deployment(work: Path, extra_env: dict[str, str], worker_limit: int = 10, pool: str = "factory-local",
-                      pool_options: Callable[[dict[str, str], Path], list[str]] = process_pool,
+                      pool_options: Callable[[dict[str, str], Path], list[str] | None] = process_pool,
                       prefect_file: str = "prefect.yaml") -> Iterator[dict]:
     """`prefect server start`, a work pool, `prefect deploy --all` and a worker, as a user sets them up;
     all stopped on exit. `extra_env` can point the server at PostgreSQL; `pool_options` gives the
@@ -96,8 +96,9 @@ def served_deployment(work: Path, extra_env: dict[str, str], worker_limit: int =
     worker = None
     try:
         wait_healthy(api_url, server)
-        created = run_cli(["work-pool", "create", pool, *pool_options(env, work)], env)
-        assert created.returncode == 0, created.stdout + created.stderr
+        if (options := pool_options(env, work)) is not None:  # None: the callable made the pool itself
+            created = run_cli(["work-pool", "create", pool, *options], env)
+            assert created.returncode == 0, created.stdout + created.stderr
         deployed = run_cli(["--no-prompt", "deploy", "--all", "--prefect-file", prefect_file], env)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
         worker = Background([prefect_bin(), "worker", "start", "--pool", pool, "--limit", str(worker_limit)], env,

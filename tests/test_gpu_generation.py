@@ -21,7 +21,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.emulators.runpod import RUNPOD_KEY, RunPodEmulator, runpod_pool_options
+from tests.emulators.runpod import REPO, RUNPOD_KEY, RunPodEmulator
 from tests.emulators.server import ThreadedServer
 from tests.processes import Background, prefect_bin, run_cli, served_deployment, wait_state
 from tests.s3server import BUCKET
@@ -45,16 +45,22 @@ def gpu_stack(llm_server, s3_server, tmp_path_factory):
                "FACTORY_GPU_TIMEOUT_S": "240", "FACTORY_RETRIES": "2", "FACTORY_RETRY_DELAY_S": "0.1",
                "FACTORY_PRICES": json.dumps({f"diffusers:{model}": {"per_gpu_second": str(GPU_PRICE_PER_S)}})}
     work = tmp_path_factory.mktemp("gpu-stack")
+
+    def gpu_pool(env: dict[str, str], _: Path) -> None:
+        """The README's way: blocks from the environment, then scripts/gpu-pool.sh."""
+        registered = subprocess.run([sys.executable, "-m", "blocks.register"], env=env, capture_output=True,
+                                    text=True, timeout=120)
+        assert registered.returncode == 0, registered.stderr
+        made = subprocess.run(["scripts/gpu-pool.sh", "factory-gpu-test", f"api_url={runpod_api.url}/v2",
+                               "poll_interval_s=0.5"],
+                              env={**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
+                              cwd=REPO, capture_output=True, text=True, timeout=180)
+        assert made.returncode == 0, made.stdout + made.stderr
+
     try:
-        with served_deployment(work, job_env, pool="factory-gpu", pool_options=runpod_pool_options(
-                f"{runpod_api.url}/v2"), prefect_file="tests/prefect-gpu.yaml") as served:
+        with served_deployment(work, job_env, pool="factory-gpu", pool_options=gpu_pool,
+                               prefect_file="tests/prefect-gpu.yaml") as served:
             env = served["env"]
-            registered = subprocess.run([sys.executable, "-m", "blocks.register"], env=env, capture_output=True,
-                                        text=True, timeout=120)
-            assert registered.returncode == 0, registered.stderr
-            configured = run_cli(["work-pool", "storage", "configure", "s3", "factory-gpu", "--bucket", BUCKET,
-                                  "--aws-credentials-block-name", "factory-aws", "--launcher", sys.executable], env)
-            assert configured.returncode == 0, configured.stdout + configured.stderr
             assert run_cli(["work-pool", "create", "factory-local", "--type", "process"], env).returncode == 0
             deployed = run_cli(["--no-prompt", "deploy", "--all"], env)
             assert deployed.returncode == 0, deployed.stdout + deployed.stderr
@@ -68,7 +74,10 @@ def gpu_stack(llm_server, s3_server, tmp_path_factory):
         emulator.stop_all()
         runpod_api.stop()
         for name, value in saved.items():
-            os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def start_job(stack, job_id: str) -> str:

@@ -121,6 +121,7 @@ def test_model_close_to_retirement_warns():
 
 async def test_secret_block_wins_over_the_environment(factory_env, monkeypatch):
     from blocks.register import register
+    monkeypatch.delenv("FACTORY_S3_BUCKET", raising=False)  # Secret blocks only: other tests own the S3 ones
     saved = await register()
     assert "anthropic-api-key" in saved
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-wrong-key-from-env")

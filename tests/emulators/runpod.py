@@ -57,6 +57,11 @@ def runpod_pool_options(api_url: str, endpoint_id: str = "factory-gpu-test"):
     return options
 
 
+def _worker_env() -> dict[str, str]:
+    """A RunPod worker of this project's image has the project's environment first on PATH (see the Dockerfile)."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 class RunPodEmulator:
     def __init__(self) -> None:
         self.jobs: dict[str, Job] = {}
@@ -90,7 +95,7 @@ class RunPodEmulator:
             return
         job.status = "IN_PROGRESS"
         job.process = subprocess.Popen([sys.executable, "-c", RUN_HANDLER, json.dumps({"id": job.id, **job.payload})],
-                                       cwd=REPO, env=os.environ.copy(), stdout=subprocess.PIPE, text=True,
+                                       cwd=REPO, env=_worker_env(), stdout=subprocess.PIPE, text=True,
                                        start_new_session=True)
         out, _ = job.process.communicate()
         if job.status == "CANCELLED":
