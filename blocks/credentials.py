@@ -28,8 +28,8 @@ async def api_key_for(provider: str) -> SecretStr | None:
 
     Looked up once per process: a worker running many jobs asks the API once.
     """
-    if provider == DRY_RUN_MODEL:
-        return None
+    if provider not in SECRET_BLOCKS:
+        return None  # needs no key: dry-run, and GPU models (RunPod's key lives with the `runpod` worker)
     if provider not in _cache:
         _cache[provider] = await _from_block(SECRET_BLOCKS[provider]) or _from_env(ENV_KEYS[provider])
     return _cache[provider]

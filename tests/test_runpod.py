@@ -151,3 +151,28 @@ async def test_handler_reports_progress_after_each_iteration(factory_env, monkey
     failed = await handler.handler({"id": "rp-2", "input": {"seed": "s", "objective": "o",
                                                             "executor_model": "claude-unpriced-9"}})
     assert failed["status"] == "error" and "`executor_model`" in failed["error"]
+
+
+def test_handler_runs_a_whole_image_job_on_its_own_gpu(tmp_path, llm_server):
+    """The original API on the GPU image: the model is preloaded when the worker starts (outside the handler
+    function) and the job generates in-process (FACTORY_GPU_LOCAL), judged by the evaluator emulator."""
+    from tests.tiny_pipeline import build_tiny_text_to_image_pipeline
+
+    llm_server.reset()
+    models = tmp_path / "models"
+    build_tiny_text_to_image_pipeline(models / "tiny-sd")
+    test_input = {"input": {"seed": "A red circle.", "objective": "A red circle.", "job_id": "handler-gpu",
+                            "function": "IMAGE_GENERATION", "executor_model": "diffusers:tiny-sd"}}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "FACTORY_STORAGE_ROOT": str(tmp_path / "store"),
+           "FACTORY_GPU_LOCAL": "1", "FACTORY_MODELS_DIR": str(models), "FACTORY_PRELOAD_MODELS": "tiny-sd",
+           "FACTORY_DIFFUSERS_STEPS": "2", "FACTORY_MEDIA_WIDTH": "64", "FACTORY_MEDIA_HEIGHT": "64",
+           "HF_HUB_OFFLINE": "1", "FACTORY_PRICES": '{"diffusers:tiny-sd": {"per_gpu_second": 0.0002}}'}
+    env.pop("PREFECT_API_URL", None)
+    out = subprocess.run([sys.executable, "handler.py", "--test_input", json.dumps(test_input)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "'status': 'success'" in out.stdout + out.stderr, (out.stdout + out.stderr)[-3000:]
+    result = json.loads((tmp_path / "store" / "handler-gpu" / "result.json").read_text())
+    assert result["status"] == "CONVERGED" and result["final_artifact_ref"].endswith(".png")
+    [judged] = [r for r in llm_server.requests if r["api"] == "anthropic" and r["body"].get("tools")]
+    assert any(block["type"] == "image" for block in judged["body"]["messages"][0]["content"])
