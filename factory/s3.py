@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import time
 from io import BytesIO
+from typing import TYPE_CHECKING
 
-from botocore.exceptions import BotoCoreError, ClientError
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
-from prefect_aws import AwsCredentials
-from prefect_aws.s3 import S3Bucket
 
 from factory.errors import ObjectNotFound, StorageError
+
+if TYPE_CHECKING:
+    from prefect_aws import AwsCredentials
 
 NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 RETRY_FIRST_DELAY_S = 0.2
@@ -33,6 +34,10 @@ class S3Store:
         self._credentials: AwsCredentials | None = None
 
     async def credentials(self) -> AwsCredentials:
+        # prefect-aws (boto3, aiobotocore) takes ~0.9 s to import: only jobs that touch S3 pay for it.
+        from prefect_aws import AwsCredentials
+        from prefect_aws.s3 import S3Bucket
+
         if self._credentials is None:
             try:
                 self._credentials = (await S3Bucket.aload(self.block_name)).credentials
@@ -54,6 +59,8 @@ class S3Store:
         return await self._retrying(f"read s3://{bucket}/{key}", _get)
 
     async def _retrying(self, what: str, call):
+        from botocore.exceptions import BotoCoreError, ClientError
+
         deadline = time.monotonic() + self.retry_window_s
         delay = RETRY_FIRST_DELAY_S
         while True:

@@ -46,7 +46,7 @@ def media_prompt(seed: str, previous: Iteration | None) -> str:
 
 
 async def make_media(run: JobRun, n: int, previous: Iteration | None) -> Made:
-    from factory.media.probe import facts_text, probe  # PyAV, Pillow, NumPy: media jobs only
+    from factory.media.probe import facts_text, probe, thumbnail  # PyAV, Pillow, NumPy: media jobs only
 
     plan = run.plan
     kind = plan.media_kind
@@ -63,6 +63,9 @@ async def make_media(run: JobRun, n: int, previous: Iteration | None) -> Made:
     digest = await store_artifact(location, media.data)
     facts = await asyncio.to_thread(probe, media.data, media.media_type)
     images = await asyncio.to_thread(_images, kind, media.data, media.media_type, settings.video_frames)
+    if images:  # the image, or a video's first frame, in the UI too
+        first = images[0]
+        run.report.picture(n, await asyncio.to_thread(thumbnail, base64.b64decode(first.data), first.media_type))
     cost, transcript = generated.call.cost_usd, None
     if kind is MediaKind.AUDIO:
         heard = await _transcribe(run, n, request, generated, facts)

@@ -1,6 +1,7 @@
 """What a person sees of a job in the Prefect UI: artifacts, keyed per job so re-runs add versions.
 
-Keys: `factory-<job>-iteration-<n>` (markdown: artifact, verdict, cost), `factory-<job>-iterations`
+Keys: `factory-<job>-iteration-<n>` (markdown: artifact, verdict, cost; `-image`: a thumbnail of an image
+or a video's first frame), `factory-<job>-iterations`
 (table), `factory-<job>-budget` (markdown, a new version after every call), `factory-<job>-progress`
 (progress), `factory-<job>-summary` (markdown JobResult).
 
@@ -12,13 +13,14 @@ waits for the last of them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
-from prefect.artifacts import (acreate_markdown_artifact, acreate_progress_artifact, acreate_table_artifact,
-                               aupdate_progress_artifact)
+from prefect.artifacts import (acreate_image_artifact, acreate_markdown_artifact, acreate_progress_artifact,
+                               acreate_table_artifact, aupdate_progress_artifact)
 
 from factory.models import FunctionType, JobResult, Limits, Verdict
 
@@ -100,6 +102,13 @@ class JobReport:
         self._send(lambda: acreate_table_artifact(rows, key=artifact_key(self.job_id, "iterations"),
                                                   description=f"Iterations of job {self.job_id}"))
         self.progress(n, spent)
+
+    def picture(self, n: int, jpeg: bytes) -> None:
+        """A thumbnail of iteration `n`'s image (or a video's first frame), inline as a data URL: the UI shows
+        it whatever the storage, with no link that expires."""
+        url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+        self._send(lambda: acreate_image_artifact(url, key=artifact_key(self.job_id, f"iteration-{n}-image"),
+                                                  description=f"Iteration {n}, as generated"))
 
     def budget(self, spent: Decimal, next_worst: Decimal | None, next_call: str | None) -> None:
         limit = Decimal(str(self.limits.budget_usd))

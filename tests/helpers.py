@@ -1,4 +1,4 @@
-"""Small helpers shared by the tests: run a job, read its log and artifacts."""
+"""Small helpers shared by the tests: run a job, read its log and its Prefect artifacts."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import json
 import uuid
 from pathlib import Path
 from typing import Any
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from flows.job import factory
 
@@ -36,3 +39,13 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
 
 def event_names(path: str | Path) -> list[str]:
     return [e["event"] for e in read_log(path)]
+
+
+async def artifacts_of(flow_run_id) -> dict[str, list]:
+    async with get_client() as client:
+        found = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    by_key: dict[str, list] = {}
+    for artifact in sorted(found, key=lambda a: a.created):
+        by_key.setdefault(artifact.key, []).append(artifact)
+    return by_key

@@ -2,22 +2,9 @@
 
 from __future__ import annotations
 
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-
 from flows.report import artifact_key, fenced
 from tests.emulators.llm import Script
-from tests.helpers import DONE, NOT_YET, run_job
-
-
-async def artifacts_of(flow_run_id) -> dict[str, list]:
-    async with get_client() as client:
-        found = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
-    by_key: dict[str, list] = {}
-    for artifact in sorted(found, key=lambda a: a.created):
-        by_key.setdefault(artifact.key, []).append(artifact)
-    return by_key
+from tests.helpers import DONE, NOT_YET, artifacts_of, run_job
 
 
 def test_artifact_keys_are_valid():

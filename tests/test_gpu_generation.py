@@ -6,6 +6,7 @@ the CPU; the evaluator is the Anthropic emulator, which must receive the image i
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -21,6 +22,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from tests.browser import Browser
 from tests.emulators.runpod import REPO, RUNPOD_KEY, RunPodEmulator
 from tests.emulators.server import ThreadedServer
 from tests.processes import Background, prefect_bin, run_cli, served_deployment, wait_state
@@ -162,3 +164,28 @@ def test_cancelling_the_job_cancels_its_runpod_job(gpu_stack, llm_server):
     assert wait_job(gpu_stack, parent, {"CANCELLED"}, timeout_s=90) == "CANCELLED"
     assert wait_state(gpu_stack, kids[0]["id"], {"CANCELLED"}, timeout_s=90) == "CANCELLED"
     assert gpu_stack["emulator"].jobs[job_id].status == "CANCELLED" and job_id in gpu_stack["emulator"].cancelled
+
+
+@pytest.mark.browser
+async def test_the_prefect_ui_shows_the_generated_image_and_its_gpu_child_run(gpu_stack, llm_server, tmp_path):
+    llm_server.reset()
+    parent = start_job(gpu_stack, "gpu-ui")
+    assert wait_job(gpu_stack, parent) == "COMPLETED", logs(gpu_stack)
+    ui = gpu_stack["api_url"].removesuffix("/api")
+    async with Browser() as browser:
+        await browser.goto(f"{ui}/runs/flow-run/{parent}")
+        await browser.wait_for_text("Artifacts")
+        await browser.click_text(".p-tab", "Artifacts")
+        await browser.wait_for_text("factory-gpu-ui-iteration-1-image")
+        await browser.click_text("a, .p-link, div", "factory-gpu-ui-iteration-1-image")
+        deadline = time.monotonic() + 30
+        while not (shown := await browser.evaluate(
+                "[...document.images].filter(i => i.src.startsWith('data:image/jpeg') && i.naturalWidth > 0)"
+                ".map(i => [i.naturalWidth, i.naturalHeight])")):
+            assert time.monotonic() < deadline, "the thumbnail never rendered"
+            await asyncio.sleep(0.3)
+        await browser.screenshot(tmp_path / "generated-image.png")
+        await browser.goto(f"{ui}/runs/flow-run/{children(gpu_stack, parent)[0]['id']}")
+        page = await browser.wait_for_text("factory-gpu-image")
+    assert shown == [[64, 64]]
+    assert "Completed" in page

@@ -17,7 +17,7 @@ from factory.pricing import price_for
 from factory.settings import get_settings
 from tests.conftest import billed_cost, reset_settings
 from tests.emulators.llm import Script
-from tests.helpers import DONE, NOT_YET, read_log, run_job
+from tests.helpers import DONE, NOT_YET, artifacts_of, read_log, run_job
 
 REVISED = {**NOT_YET, "feedback_for_executor": "A red circle, centred, on plain white, flat colours."}
 
@@ -112,3 +112,15 @@ async def test_a_rate_limited_image_call_is_retried_and_billed_once(media_env):
     assert len(fal.billed) == 1 and media_cost(fal.billed) == Decimal("0.003")
     events = [e["event"] for e in read_log(result.log_ref)]
     assert events.count("EXECUTOR_CALL") == 1
+
+
+async def test_each_image_iteration_shows_a_thumbnail_in_the_ui(media_env):
+    llm, _ = media_env
+    llm.reset(Script(verdicts=[DONE]))
+    state = await run_job(function="IMAGE_GENERATION", job_id="media-ui")
+    found = await artifacts_of(state.state_details.flow_run_id)
+    [picture] = found["factory-media-ui-iteration-1-image"]
+    assert picture.type == "image" and picture.data.startswith("data:image/jpeg;base64,")
+    thumb = Image.open(io.BytesIO(base64.b64decode(picture.data.split(",", 1)[1])))
+    assert thumb.format == "JPEG" and max(thumb.size) <= 320
+    assert "Prompt it was generated from" in found["factory-media-ui-iteration-1"][-1].data

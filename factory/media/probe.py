@@ -26,6 +26,7 @@ SILENCE_DBFS = -120.0
 EVALUATOR_IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 EVALUATOR_MAX_SIDE = 1568
 EVALUATOR_MAX_BYTES = 5_000_000
+THUMBNAIL_SIDE = 320  # ~10-20 kB as JPEG: small enough to keep inline in an artifact
 T = TypeVar("T")
 
 
@@ -182,6 +183,13 @@ def evaluator_image(data: bytes, media_type: str, max_side: int = EVALUATOR_MAX_
     while len(jpeg := _encode(rgb, "JPEG", quality=90)) > max_bytes:
         rgb = rgb.resize((max(1, rgb.width * 3 // 4), max(1, rgb.height * 3 // 4)))
     return "image/jpeg", jpeg
+
+
+def thumbnail(data: bytes, media_type: str, max_side: int = THUMBNAIL_SIDE) -> bytes:
+    """A small JPEG of an image, for the Prefect UI (where it travels inline, as a data URL)."""
+    image = _open_image(data, media_type).convert("RGB")
+    image.thumbnail((max_side, max_side))
+    return _encode(image, "JPEG", quality=80)
 
 
 def _open_image(data: bytes, media_type: str) -> Image.Image:
