@@ -68,6 +68,8 @@ async def factory(
     plan = await plan_job(job, settings, storage, date.today())
     await require_api_key(plan.executor.provider, "executor_model")
     await require_api_key(plan.evaluator.provider, "evaluator_model")
+    if plan.transcriber is not None:  # audio is judged from its transcript
+        await require_api_key(plan.transcriber.provider, "function")
     logger = get_run_logger()
     for warning in plan.warnings:
         logger.warning(warning)

@@ -111,6 +111,16 @@ async def test_missing_api_key_is_refused_naming_the_variable(factory_env, monke
     assert factory_env.requests == []
 
 
+async def test_an_audio_job_without_a_transcription_key_is_refused_before_any_call(factory_env, media_api,
+                                                                                 monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.setattr(credentials, "_cache", {})
+    state = await run_job(function="AUDIO_GENERATION", executor_model="elevenlabs:eleven_multilingual_v2")
+    assert state.is_failed()
+    assert "`function`" in state.message and "OPENAI_API_KEY" in state.message
+    assert factory_env.requests == [] and media_api.requests == []
+
+
 def test_model_close_to_retirement_warns():
     warnings: list[str] = []
     plan_model("claude-sonnet-4-5", "executor_model", get_settings(), date(2026, 11, 20), warnings)
