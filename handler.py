@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from factory.errors import FactoryError
 from factory.models import JobInput
+from factory.settings import get_settings
 from flows.job import factory
 from flows.loop import progress_listener
 
@@ -32,7 +33,7 @@ PROJECT_DIR = Path(__file__).resolve().parent
 
 # Models load once per RunPod worker, here, outside the handler function: jobs run through the original
 # API generate in this process (FACTORY_GPU_LOCAL). Flow runs from the worker run in their own process.
-if os.environ.get("FACTORY_PRELOAD_MODELS"):
+if get_settings().preload_models:
     from factory.media.diffusers import preload_from_env
 
     preload_from_env()

@@ -46,6 +46,14 @@ class FactorySettings(BaseSettings):
     gpu_local: bool = Field(
         default=False, description="This process has the GPU (the RunPod image): run GPU models here, not on the pool."
     )
+    models_dir: Path = Field(
+        default=Path("/runpod-volume/models"),
+        description="Where `diffusers:<relative path>` models live (RunPod mounts network volumes at /runpod-volume).",
+    )
+    preload_models: str = Field(default="", description="Comma-separated diffusers models to load at worker start.")
+    diffusers_steps: int | None = Field(
+        default=None, ge=1, le=500, description="num_inference_steps for diffusers; unset: each pipeline's default."
+    )
     video_frames: int = Field(default=6, ge=1, le=20, description="Frames of a video the evaluator is shown.")
     s3_block: str = Field(default="factory-s3", description="The prefect-aws S3Bucket block for s3:// refs.")
     storage_retry_window_s: float = Field(

@@ -50,8 +50,9 @@ def call_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     return f"factory-{parameters['job_id']}-{parameters['iteration']:03d}-{parameters['role']}-{digest[:32]}"
 
 
-def time_left(deadline: float, role: str) -> float:
-    """Seconds one call may take: the provider timeout, or less when the job's deadline is nearer.
+def time_left(deadline: float, role: str, bound_s: float | None = None) -> float:
+    """Seconds one call may take: `bound_s` (default: the provider timeout), or less when the job's deadline
+    is nearer.
 
     Raises:
         DeadlineExceeded: no time is left.
@@ -59,7 +60,7 @@ def time_left(deadline: float, role: str) -> float:
     left = deadline - time.time()
     if left <= 0:
         raise DeadlineExceeded(f"the job's deadline passed before the {role} call")
-    return min(get_settings().request_timeout_s, left)
+    return min(get_settings().request_timeout_s if bound_s is None else bound_s, left)
 
 
 async def billed_call(provider: str, request: ChatRequest, price: Price, deadline: float, role: str) -> CallResult:

@@ -13,7 +13,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlo
 from prefect.client.schemas.objects import StateType
 from prefect.states import Cancelled, Cancelling, State
 
-from factory.errors import DeadlineExceeded, TransientProviderError
+from factory.errors import TransientProviderError
 from factory.media import GPU_PROVIDERS, MediaRequest, MediaResult, make_media_generator
 from factory.media.base import Transcript
 from factory.models import CallRecord, StrictModel, Usage
@@ -46,10 +46,7 @@ async def generate_media(job_id: str, iteration: int, role: str, provider: str, 
     """
     started = time.perf_counter()
     if provider in GPU_PROVIDERS and not get_settings().gpu_local:
-        left = deadline - time.time()
-        if left <= 0:
-            raise DeadlineExceeded(f"the job's deadline passed before the {role} call")
-        result = await run_on_gpu(request, min(get_settings().gpu_timeout_s, left))
+        result = await run_on_gpu(request, time_left(deadline, role, get_settings().gpu_timeout_s))
     else:
         generator = await client_for(provider, make_media_generator)
         result = await generator.generate(request, timeout_s=time_left(deadline, role))

@@ -18,6 +18,7 @@ from PIL import Image
 from factory.errors import ProviderRequestError, TransientProviderError
 from factory.media import MediaRequest, media_api_model, make_media_generator
 from factory.settings import get_settings
+from tests.conftest import reset_settings
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "FACTORY_DIFFUSERS_STEPS": "2"}
 
@@ -35,6 +36,9 @@ def tiny_model(tmp_path_factory) -> Path:
 def offline(monkeypatch):
     for name, value in OFFLINE.items():
         monkeypatch.setenv(name, value)
+    reset_settings()
+    yield
+    reset_settings()
 
 
 @pytest.fixture
@@ -103,6 +107,7 @@ async def test_the_pipeline_loads_once_even_for_concurrent_requests(fresh_model,
 async def test_a_relative_path_resolves_under_the_models_dir(tiny_model, monkeypatch):
     from factory.media.diffusers import resolve_model_path
     monkeypatch.setenv("FACTORY_MODELS_DIR", str(tiny_model.parent))
+    reset_settings()
     assert resolve_model_path(tiny_model.name) == tiny_model
     result = await generate(image_request(tiny_model.name))
     assert result.media_type == "image/png"
@@ -111,6 +116,7 @@ async def test_a_relative_path_resolves_under_the_models_dir(tiny_model, monkeyp
 
 async def test_a_missing_pipeline_names_its_path(tmp_path, monkeypatch):
     monkeypatch.setenv("FACTORY_MODELS_DIR", str(tmp_path))
+    reset_settings()
     missing = tmp_path / "not-there"
     with pytest.raises(ProviderRequestError, match=re.escape(f"no diffusers pipeline at {missing}")) as info:
         await generate(image_request("not-there"))
@@ -126,6 +132,7 @@ async def test_a_request_past_its_timeout_is_transient(tiny_model):
 async def test_preload_from_env_loads_the_listed_models(fresh_model, monkeypatch, load_calls):
     from factory.media.diffusers import loaded_models, preload_from_env
     monkeypatch.setenv("FACTORY_PRELOAD_MODELS", f" diffusers:{fresh_model} ,")
+    reset_settings()
     preload_from_env()
     assert str(fresh_model.resolve()) in loaded_models()
     await generate(image_request(fresh_model))

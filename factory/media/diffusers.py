@@ -15,7 +15,6 @@ import inspect
 import io
 import logging
 import math
-import os
 import threading
 import time
 import wave
@@ -37,12 +36,8 @@ from factory.media.base import MediaGenerator, MediaKind, MediaRequest, MediaRes
 from factory.models import Usage
 from factory.settings import get_settings
 
-DEFAULT_MODELS_DIR = "/runpod-volume/models"  # RunPod mounts the network volume at /runpod-volume
 VIDEO_FPS = 8
 DEFAULT_SAMPLE_RATE = 16_000  # for audio pipelines that expose none
-MODELS_DIR_ENV = "FACTORY_MODELS_DIR"
-PRELOAD_ENV = "FACTORY_PRELOAD_MODELS"
-STEPS_ENV = "FACTORY_DIFFUSERS_STEPS"  # num_inference_steps; unset keeps each pipeline's own default
 
 # diffusers 0.40 renamed `torch_dtype` to `dtype` (and warns on the old name); older releases ignore `dtype`.
 _DTYPE_KWARG = "dtype" if Version(diffusers.__version__) >= Version("0.40") else "torch_dtype"
@@ -73,14 +68,14 @@ def resolve_model_path(model: str) -> Path:
         PosixPath('/runpod-volume/models/sdxl-turbo')
     """
     path = Path(model).expanduser()
-    return path if path.is_absolute() else Path(os.environ.get(MODELS_DIR_ENV, DEFAULT_MODELS_DIR)) / path
+    return path if path.is_absolute() else get_settings().models_dir / path
 
 
 def _load(model: str) -> _Loaded:
     path = resolve_model_path(model)
     if not (path / "model_index.json").is_file():
         raise ProviderRequestError(model, f"no diffusers pipeline at {path}; bake it into the image or put it on "
-                                          f"the network volume (relative paths resolve under ${MODELS_DIR_ENV}).")
+                                          f"the network volume (relative paths resolve under $FACTORY_MODELS_DIR).")
     key = str(path.resolve())
     with _LOAD_LOCK:
         if key not in _PIPELINES:
@@ -125,7 +120,7 @@ def preload(paths: Iterable[str]) -> None:
 
 def preload_from_env() -> None:
     """`preload` the comma-separated model paths in `FACTORY_PRELOAD_MODELS`; call it at the handler's import."""
-    preload(os.environ.get(PRELOAD_ENV, "").split(","))
+    preload(get_settings().preload_models.split(","))
 
 
 def _png(image: Any) -> bytes:
@@ -200,8 +195,8 @@ def _call_kwargs(loaded: _Loaded, request: MediaRequest) -> dict[str, Any]:
         wanted["num_frames"] = request.duration_s * VIDEO_FPS
     if request.kind is MediaKind.AUDIO:
         wanted["audio_length_in_s"] = float(request.duration_s)
-    if steps := os.environ.get(STEPS_ENV):
-        wanted["num_inference_steps"] = int(steps)
+    if (steps := get_settings().diffusers_steps) is not None:
+        wanted["num_inference_steps"] = steps
     if request.seed is not None:
         wanted["generator"] = torch.Generator(_device()).manual_seed(request.seed)
     # Only what this pipeline takes: audio pipelines have no height/width, image ones no num_frames.
