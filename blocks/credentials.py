@@ -49,17 +49,19 @@ def _from_env(variable: str) -> SecretStr | None:
     return SecretStr(value) if value else None
 
 
-async def require_api_key(provider: str, field: str) -> None:
+async def require_api_key(provider: str, field: str, keyless: str | None = None) -> None:
     """Fail before any money is spent when a provider that needs a key has none.
 
     Raises:
-        ConfigurationError: naming the parameter whose model needs the key.
+        ConfigurationError: naming the parameter whose model needs the key, and a model that needs none
+            (`keyless`, default the dry-run model).
     """
     if provider in (DRY_RUN_MODEL, "openai-compatible") or provider in GPU_PROVIDERS:
         return  # local OpenAI-compatible servers commonly take no key; GPU models run where RunPod's key is
     if await api_key_for(provider) is None:
+        alternative = keyless or f"model '{DRY_RUN_MODEL}'"
         raise ConfigurationError(
             field,
             f"no API key for {provider}: set {ENV_KEYS[provider]} where the worker runs, create the Secret "
-            f"block '{SECRET_BLOCKS[provider]}' (python -m blocks.register), or use model '{DRY_RUN_MODEL}'.",
+            f"block '{SECRET_BLOCKS[provider]}' (python -m blocks.register), or use {alternative}.",
         )

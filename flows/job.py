@@ -66,7 +66,8 @@ async def factory(
         executor_model=executor_model, evaluator_model=evaluator_model,
     )
     plan = await plan_job(job, settings, storage, date.today())
-    await require_api_key(plan.executor.provider, "executor_model")
+    await require_api_key(plan.executor.provider, "executor_model",
+                          "a `diffusers:` model on the GPU pool" if plan.media_kind else None)
     await require_api_key(plan.evaluator.provider, "evaluator_model")
     if plan.transcriber is not None:  # audio is judged from its transcript
         await require_api_key(plan.transcriber.provider, "function")

@@ -75,7 +75,7 @@ PREFLIGHT = [
     ({"evaluator_model": "mystery-model"}, "evaluator_model", "cannot tell which provider"),
     ({"executor_model": "claude-mythos-preview"}, "executor_model", "retired on 2026-06-30"),
     ({"function": "IMAGE_GENERATION", "executor_model": "claude-sonnet-5-5"}, "executor_model", "makes no image"),
-    ({"function": "IMAGE_GENERATION"}, "executor_model", "no API key for fal"),
+    ({"function": "IMAGE_GENERATION"}, "executor_model", "or use a `diffusers:` model on the GPU pool"),
     ({"function": "VIDEO_GENERATION", "input_refs": ["notes.txt"]}, "input_refs", "text prompt only"),
     ({"function": "AUDIO_GENERATION", "executor_model": "elevenlabs:eleven_v9"}, "executor_model",
      "no price is known"),
