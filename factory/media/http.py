@@ -1,7 +1,7 @@
 """The error boundary of the media providers spoken to with plain httpx (fal, ElevenLabs).
 
-Every request goes through `send`, which maps a fault the way `translate_sdk_error` does for the SDK-backed
-providers: 401/403 -> ProviderAuthError; 408/409/429/5xx, timeouts and dropped connections ->
+Every request goes through `send`, which maps a refusal with `status_error`, as `translate_sdk_error` does for
+the SDK-backed providers: 401/403 -> ProviderAuthError; 408/409/429/5xx, timeouts and dropped connections ->
 TransientProviderError (with the reply's `retry-after`); any other 4xx -> ProviderRequestError. Example::
 
     async with deadline(model, timeout_s):
@@ -22,8 +22,8 @@ from urllib.parse import unquote_to_bytes
 import httpx
 import pydantic
 
-from factory.errors import ProviderAuthError, ProviderRequestError, TransientProviderError
-from factory.providers.base import _retry_after
+from factory.errors import TransientProviderError
+from factory.providers.base import status_error
 
 MALFORMED = "the provider's reply was malformed"
 EXCERPT_CHARS = 300
@@ -66,14 +66,8 @@ async def send(client: httpx.AsyncClient, method: str, url: str, *, model: str, 
 
 def check_status(response: httpx.Response, model: str) -> None:
     """Raise the error a non-2xx reply means (see `send`)."""
-    status = response.status_code
-    if response.is_success:
-        return
-    if status in (401, 403):
-        raise ProviderAuthError(model, f"the API key was refused (HTTP {status}). Check the key for this provider.")
-    if status in (408, 409, 429) or status >= 500:
-        raise TransientProviderError(model, f"HTTP {status}: {_excerpt(response)}", _retry_after(response))
-    raise ProviderRequestError(model, f"the request was rejected (HTTP {status}): {_excerpt(response)}")
+    if not response.is_success:
+        raise status_error(model, response, _excerpt(response))
 
 
 def parse(response: httpx.Response, shape: type[ReplyT], model: str) -> ReplyT:

@@ -125,15 +125,21 @@ def translate_sdk_error(exc: Exception, model: str, sdk: ModuleType) -> Provider
     if isinstance(exc, sdk.APIResponseValidationError | json.JSONDecodeError | pydantic.ValidationError):
         return TransientProviderError(model, "the provider's reply was malformed")
     if isinstance(exc, sdk.APIStatusError):
-        status, body_code = exc.status_code, getattr(exc, "code", None)
-        if status in (401, 403):
-            return ProviderAuthError(model, f"the API key was refused (HTTP {status}). Check the key for this provider.")
-        if status == 429 and body_code == "insufficient_quota":
+        if exc.status_code == 429 and getattr(exc, "code", None) == "insufficient_quota":
             return ProviderRequestError(model, "the account has no quota left (HTTP 429 insufficient_quota).")
-        if status in (408, 409, 429) or status >= 500:
-            return TransientProviderError(model, f"HTTP {status}: {_short(exc)}", _retry_after(exc.response))
-        return ProviderRequestError(model, f"the request was rejected (HTTP {status}): {_short(exc)}")
+        return status_error(model, exc.response, _short(exc))
     raise exc
+
+
+def status_error(model: str, response: httpx.Response, detail: str) -> ProviderError:
+    """The error an HTTP refusal means, for SDK and plain-HTTP providers alike: a refused key, a fault worth
+    retrying (408, 409, 429, 5xx; after any retry-after), or a request not worth sending again."""
+    status = response.status_code
+    if status in (401, 403):
+        return ProviderAuthError(model, f"the API key was refused (HTTP {status}). Check the key for this provider.")
+    if status in (408, 409, 429) or status >= 500:
+        return TransientProviderError(model, f"HTTP {status}: {detail}", _retry_after(response))
+    return ProviderRequestError(model, f"the request was rejected (HTTP {status}): {detail}")
 
 
 def _short(exc: Exception, limit: int = 300) -> str:
