@@ -12,7 +12,6 @@ from prefect.blocks.system import Secret
 from pydantic import SecretStr
 
 from factory.errors import ConfigurationError
-from factory.media import GPU_PROVIDERS
 from factory.providers import DRY_RUN_MODEL
 
 SECRET_BLOCKS = {"anthropic": "anthropic-api-key", "openai": "openai-api-key", "openai-compatible": "openai-api-key",
@@ -56,8 +55,8 @@ async def require_api_key(provider: str, field: str, keyless: str | None = None)
         ConfigurationError: naming the parameter whose model needs the key, and a model that needs none
             (`keyless`, default the dry-run model).
     """
-    if provider in (DRY_RUN_MODEL, "openai-compatible") or provider in GPU_PROVIDERS:
-        return  # local OpenAI-compatible servers commonly take no key; GPU models run where RunPod's key is
+    if provider not in SECRET_BLOCKS or provider == "openai-compatible":
+        return  # keyless providers (see api_key_for); local OpenAI-compatible servers commonly take no key
     if await api_key_for(provider) is None:
         alternative = keyless or f"model '{DRY_RUN_MODEL}'"
         raise ConfigurationError(

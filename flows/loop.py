@@ -25,7 +25,7 @@ from factory.models import (CallRecord, Event, IterationDetail, IterationOutput,
 from factory.preflight import JobPlan, ModelPlan
 from factory.prompts import (EVALUATOR_SYSTEM, EXECUTOR_SYSTEM, REPAIR_INSTRUCTION, VERDICT_SCHEMA,
                              VERDICT_TOOL, VERDICT_TOOL_DESCRIPTION, evaluator_prompt, executor_prompt)
-from factory.providers import DRY_RUN_MODEL, ChatRequest, ImagePart, Message, TextPart
+from factory.providers import DRY_RUN_MODEL, ChatRequest, ImagePart, Message
 from factory.settings import FactorySettings
 from factory.storage import get_storage
 from factory.verdict import UnreadableVerdict, parse_verdict, unjudged_verdict, unparseable_verdict
@@ -145,9 +145,8 @@ class JobRun:
             previous.shown if previous else None, previous.verdict.feedback_for_executor if previous else None,
             previous.verdict.strengths if previous else [], previous.verdict.weaknesses if previous else [])
         images = [i.image for i in inputs if i.image is not None]
-        content = [*images, TextPart(text=prompt)] if images else prompt  # images first, as Anthropic advises
         request = ChatRequest(model=self.plan.executor.api_name, system=EXECUTOR_SYSTEM,
-                              messages=[Message(role="user", content=content)],
+                              messages=[Message.user(prompt, images)],
                               max_tokens=self.settings.executor_max_tokens)
         generated = await self.call(self.generate, Event.EXECUTOR_CALL, n, "executor", self.plan.executor, request)
         text, extension = render(self.plan.job.function, generated.reply.text)
@@ -168,9 +167,8 @@ class JobRun:
     async def _judge(self, n: int, artifact: str, images: list[ImagePart]) -> tuple[Verdict, Decimal]:
         """The verdict on an artifact (media shown as images), with one repair call if the reply is unreadable."""
         prompt = evaluator_prompt(self.plan.job.objective, self.plan.job.seed, artifact, self.plan.media_kind)
-        content = [*images, TextPart(text=prompt)] if images else prompt
         request = ChatRequest(model=self.plan.evaluator.api_name, system=EVALUATOR_SYSTEM,
-                              messages=[Message(role="user", content=content)],
+                              messages=[Message.user(prompt, images)],
                               max_tokens=self.settings.evaluator_max_tokens, response_schema=VERDICT_SCHEMA,
                               schema_name=VERDICT_TOOL, schema_description=VERDICT_TOOL_DESCRIPTION)
         first = await self.call(self.evaluate, Event.EVALUATOR_CALL, n, "evaluator", self.plan.evaluator, request)

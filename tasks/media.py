@@ -9,9 +9,10 @@ import time
 from decimal import Decimal
 
 from prefect import get_client, task
+from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
-from prefect.client.schemas.objects import StateType
-from prefect.states import Cancelled, Cancelling, State
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.states import Cancelled, Cancelling
 
 from factory.errors import TransientProviderError
 from factory.media import GPU_PROVIDERS, MediaRequest, MediaResult, make_media_generator
@@ -90,20 +91,19 @@ async def run_on_gpu(request: MediaRequest, timeout_s: float) -> MediaResult:
     # Submission is synchronous in Prefect (bundle, upload, create the run): keep it off the event loop.
     future = await asyncio.to_thread(GPU_FLOWS[request.kind].submit_to_work_pool, request)
     try:
-        state = await asyncio.wait_for(_final_state(future.flow_run_id), timeout_s)
+        run = await asyncio.wait_for(_finished(future.flow_run_id), timeout_s)
     except (TimeoutError, asyncio.CancelledError) as exc:
         await asyncio.shield(_cancel(future.flow_run_id))
         if isinstance(exc, TimeoutError):
             raise TransientProviderError(request.model, f"GPU flow run {future.flow_run_id} did not finish "
                                                         f"within {timeout_s:.0f} s; it was cancelled") from exc
         raise
+    state = run.state
     if not state.is_completed():
         raise TransientProviderError(request.model, f"GPU flow run {future.flow_run_id} ended "
                                                     f"{state.type.value}: {state.message or 'no detail'}")
     result: MediaResult = await state.aresult()
     # RunPod bills the whole execution, rounded up to the second, not just the pipeline call.
-    async with get_client() as client:
-        run = await client.read_flow_run(future.flow_run_id)
     if run.start_time is not None and run.end_time is not None:
         ran = Decimal(math.ceil((run.end_time - run.start_time).total_seconds()))
         result = result.model_copy(update={"usage": result.usage.model_copy(
@@ -111,31 +111,34 @@ async def run_on_gpu(request: MediaRequest, timeout_s: float) -> MediaResult:
     return result
 
 
-async def _final_state(flow_run_id) -> State:
+async def _finished(flow_run_id) -> FlowRun:
+    """The flow run once it is in a final state (with its start and end times)."""
     async with get_client() as client:
         while True:
             run = await client.read_flow_run(flow_run_id)
             if run.state is not None and run.state.is_final():
-                return run.state
+                return run
             await asyncio.sleep(STATE_POLL_S)
 
 
-async def cancel_gpu_children(parent_flow_run_id) -> int:
-    """Cancel the GPU runs a job left behind when it was cancelled or crashed; returns how many."""
+async def cancel_gpu_children(parent_flow_run_id) -> None:
+    """Cancel the GPU runs a job left behind when it was cancelled or crashed."""
     async with get_client() as client:
         children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_flow_run_id])))
-    unfinished = [run.id for run in children if run.state is not None and not run.state.is_final()]
-    for run_id in unfinished:
-        await _cancel(run_id)
-    return len(unfinished)
+        for run in children:
+            await _cancel_run(client, run)
 
 
 async def _cancel(flow_run_id) -> None:
-    """Cancel a child run: at once if no worker took it yet, else through its worker (which cancels RunPod)."""
     async with get_client() as client:
-        run = await client.read_flow_run(flow_run_id)
-        if run.state is None or run.state.is_final():
-            return
-        waiting = run.state.type in (StateType.SCHEDULED, StateType.PENDING)
-        await client.set_flow_run_state(flow_run_id, Cancelled() if waiting else Cancelling(), force=True)
+        await _cancel_run(client, await client.read_flow_run(flow_run_id))
+
+
+async def _cancel_run(client: PrefectClient, run: FlowRun) -> None:
+    """Cancel an unfinished child run: at once if no worker took it yet, else through its worker (which cancels
+    the RunPod job)."""
+    if run.state is None or run.state.is_final():
+        return
+    waiting = run.state.type in (StateType.SCHEDULED, StateType.PENDING)
+    await client.set_flow_run_state(run.id, Cancelled() if waiting else Cancelling(), force=True)

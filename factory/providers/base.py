@@ -47,6 +47,11 @@ class Message(StrictModel):
     role: Literal["user", "assistant"]
     content: str | list[TextPart | ImagePart]
 
+    @classmethod
+    def user(cls, text: str, images: list[ImagePart]) -> Message:
+        """A user message: the text alone, or the images first and then the text, as Anthropic advises."""
+        return cls(role="user", content=[*images, TextPart(text=text)] if images else text)
+
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
