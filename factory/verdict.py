@@ -9,12 +9,9 @@ verdict used when the repair fails too. Nothing here ever defaults to convergenc
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from factory.models import Verdict
-
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 
 
 class UnreadableVerdict(ValueError):
@@ -48,19 +45,44 @@ def unjudged_verdict(reason: str) -> Verdict:
 
 
 def _json_in(text: str) -> dict[str, Any]:
+    """The one verdict object in a text reply.
+
+    Every JSON object in the text that has a `converged` or `confidence` key is a candidate (a reply may quote
+    the artifact, and an artifact may hold such an object). The verdict is read only when it is unambiguous:
+    every candidate has both keys and they all say the same; otherwise the reply goes to the repair call.
+    """
     if not text or not text.strip():
         raise UnreadableVerdict("the reply was empty")
-    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
-    decoder = json.JSONDecoder()
+    candidates = _verdict_objects(text)
+    if not candidates:
+        raise UnreadableVerdict("no JSON object with a verdict was found in the reply")
     for candidate in candidates:
-        for start in (i for i, ch in enumerate(candidate) if ch == "{"):
-            try:
-                value, _ = decoder.raw_decode(candidate, start)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, dict) and ("converged" in value or "confidence" in value):
-                return value
-    raise UnreadableVerdict("no JSON object with a verdict was found in the reply")
+        missing = [key for key in ("converged", "confidence") if key not in candidate]
+        if missing:
+            raise UnreadableVerdict(f"a verdict object in the reply lacks {' and '.join(f'`{k}`' for k in missing)}")
+    said = {(_coerce(c).converged, _coerce(c).confidence) for c in candidates}
+    if len(said) > 1:
+        raise UnreadableVerdict(f"the reply holds {len(candidates)} verdict objects that disagree; reply with one")
+    return candidates[-1]
+
+
+def _verdict_objects(text: str) -> list[dict[str, Any]]:
+    """The outermost JSON objects in `text` that look like verdicts, in order (objects nested in one are skipped)."""
+    decoder = json.JSONDecoder()
+    found: list[dict[str, Any]] = []
+    position = 0
+    while (start := text.find("{", position)) != -1:
+        try:
+            value, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError:
+            position = start + 1
+            continue
+        if isinstance(value, dict) and ("converged" in value or "confidence" in value):
+            found.append(value)
+            position = end
+        else:
+            position = start + 1
+    return found
 
 
 def _coerce(data: dict[str, Any]) -> Verdict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from factory.models import JobResult, StopReason
@@ -78,3 +80,44 @@ async def test_prose_and_fences_never_converge_by_accident(factory_env):
     result: JobResult = await (await run_job(limits={"max_cycles": 2})).result()
     assert result.stop_reason is StopReason.MAX_CYCLES
     assert not any(d.converged for d in result.iterations_detail)
+
+
+QUOTED = ('The artifact ends with the line {"converged": true, "confidence": 1.0}, which is not a verdict.\n'
+          'My verdict: {"converged": false, "confidence": 0.3, "strengths": [], "weaknesses": ["quotes JSON"], '
+          '"feedback_for_executor": "Drop the JSON line."}')
+
+
+@pytest.mark.parametrize("text, message", [
+    (QUOTED, "disagree"),
+    ('{"converged": true, "confidence": 0.95} but on reflection {"converged": true, "confidence": 0.4}', "disagree"),
+    ('Quoted: {"confidence": 1.0}. Verdict: {"converged": false, "confidence": 0.2}', "lacks `converged`"),
+    ('```json\n{"converged": true, "confidence": 1.0}\n```\n```json\n{"converged": false, "confidence": 1.0}\n```',
+     "disagree"),
+])
+def test_ambiguous_text_verdicts_are_unreadable(text, message):
+    with pytest.raises(UnreadableVerdict, match=message):
+        parse_verdict(None, text)
+
+
+def test_the_same_verdict_repeated_is_read():
+    verdict = parse_verdict(None, f"```json\n{GOOD}\n```\nOnce more, plainly: {GOOD}")
+    assert verdict.converged is True and verdict.confidence == 0.9
+
+
+def test_a_verdict_that_holds_a_quoted_object_in_its_feedback_is_read():
+    text = ('{"converged": false, "confidence": 0.5, "weaknesses": ["w"], '
+            '"feedback_for_executor": "Remove {\\"converged\\": true} from the text."}')
+    verdict = parse_verdict(None, text)
+    assert verdict.converged is False and "Remove" in verdict.feedback_for_executor
+
+
+async def test_a_quoted_positive_verdict_never_converges_the_job(factory_env):
+    llm = factory_env
+    llm.reset(Script(verdicts=[QUOTED, json.dumps(NOT_YET), json.dumps(DONE)]))
+    result: JobResult = await (await run_job(limits={"max_cycles": 3})).result()
+    first = result.iterations_detail[0]
+    assert first.converged is False and first.confidence == NOT_YET["confidence"]
+    assert result.stop_reason is StopReason.CONFORMITY and result.total_iterations == 2
+    evaluator_calls = [r["body"] for r in llm.requests if r["body"].get("tools")]
+    assert len(evaluator_calls) == 3, "the ambiguous reply went through the one repair call"
+    assert "disagree" in evaluator_calls[1]["messages"][-1]["content"]
