@@ -1,18 +1,32 @@
-"""The budget as a hard ceiling: a call is made only if its worst case fits in what is left."""
+"""The budget as a hard ceiling: a call is made only if its worst case fits in what is left.
+
+It is also the job's ledger: every billed call, and every attempt that failed after it was (or may
+have been) billed, is charged once, so the job's total is the exact sum of what the providers billed.
+"""
 
 from __future__ import annotations
 
 from decimal import Decimal
 
 from factory.errors import BudgetExceeded
+from factory.models import CallRecord
 
 
 class Budget:
-    """Money spent so far against a limit, exact to the token (Decimal)."""
+    """Money spent so far against a limit, exact to the token (Decimal).
+
+    Example::
+
+        budget = Budget(2.0)
+        budget.check(Decimal("0.05"), "the executor call of iteration 1")  # raises BudgetExceeded if it can't fit
+        budget.charge(record)                                                # once per record, however often asked
+    """
 
     def __init__(self, limit_usd: float) -> None:
         self.limit = Decimal(str(limit_usd))
         self.spent = Decimal(0)
+        self.records: list[CallRecord] = []
+        self._charged: set[str] = set()
 
     @property
     def left(self) -> Decimal:
@@ -23,5 +37,13 @@ class Budget:
         if worst_case > self.left:
             raise BudgetExceeded(float(worst_case), float(self.left), what)
 
-    def charge(self, cost: Decimal) -> None:
-        self.spent += cost
+    def charge(self, record: CallRecord) -> None:
+        """Add a billed call to the ledger; a record already charged (same id) is not charged again."""
+        if record.id in self._charged:
+            return
+        self._charged.add(record.id)
+        self.records.append(record)
+        self.spent += record.cost_usd
+
+    def spent_on(self, iteration: int) -> Decimal:
+        return sum((r.cost_usd for r in self.records if r.iteration == iteration), Decimal(0))

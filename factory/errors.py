@@ -6,6 +6,11 @@ Foreign errors (SDKs, storage) are translated to these at one boundary each, wit
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from factory.models import Usage
+
 
 class FactoryError(Exception):
     """Base of every error the Factory raises on purpose."""
@@ -57,19 +62,29 @@ class DeadlineExceeded(FactoryError):
 
 
 class ProviderError(FactoryError):
-    """A model provider refused or failed a call."""
+    """A model provider refused or failed a call.
 
-    def __init__(self, model: str, message: str) -> None:
+    A call can fail after the provider billed it (a reply that did not parse, a download that broke after the
+    generation was paid for, a timeout after the request was sent): `billed` is what it was billed when the
+    reply said so, and `billed_unknown` marks a call that may have been billed for an amount nobody can read,
+    which is charged its worst case.
+    """
+
+    def __init__(self, model: str, message: str, *, billed: Usage | None = None,
+                 billed_unknown: bool = False) -> None:
         self.model = model
+        self.billed = billed
+        self.billed_unknown = billed_unknown and billed is None
         super().__init__(f"model '{model}': {message}")
 
 
 class TransientProviderError(ProviderError):
     """Worth retrying: rate limit, overload, 5xx, timeout, dropped connection, garbled body."""
 
-    def __init__(self, model: str, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, model: str, message: str, retry_after_s: float | None = None, *,
+                 billed: Usage | None = None, billed_unknown: bool = False) -> None:
         self.retry_after_s = retry_after_s
-        super().__init__(model, message)
+        super().__init__(model, message, billed=billed, billed_unknown=billed_unknown)
 
 
 class ProviderAuthError(ProviderError):

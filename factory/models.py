@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_SEED_CHARS = 50_000
 MAX_OBJECTIVE_CHARS = 5_000
+MAX_INPUT_REFS = 20
 
 
 class StrictModel(BaseModel):
@@ -88,6 +89,12 @@ JobId = Annotated[
     ),
 ]
 Ref = Annotated[str, Field(min_length=1, max_length=2048)]
+# The bound is in the type, so the flow's parameter schema (what Prefect checks when a run is created) carries it.
+InputRefs = Annotated[
+    list[Ref],
+    Field(max_length=MAX_INPUT_REFS, description="Local files (under the storage root) or s3:// objects given to "
+          "the executor as reference material: UTF-8 text, or PNG/JPEG/GIF/WebP images."),
+]
 ModelName = Annotated[
     str | None,
     Field(min_length=1, max_length=200, description="Default: FACTORY_DEFAULT_*_MODEL."),
@@ -110,7 +117,7 @@ class JobInput(StrictModel):
     objective: Objective
     function: FunctionType = FunctionType.TEXT_GENERATION
     job_id: str = Field(default_factory=lambda: str(uuid.uuid4()), pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-    input_refs: list[Ref] = Field(default_factory=list, max_length=20)
+    input_refs: InputRefs = Field(default_factory=list)
     output_ref: Ref | None = None
     log_ref: Ref | None = None
     limits: Limits = Field(default_factory=Limits)
@@ -139,13 +146,18 @@ class Usage(StrictModel):
 
 
 class CallRecord(StrictModel):
-    """One billed provider call."""
+    """One billed provider call, or one attempt that failed after it was (or may have been) billed."""
 
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex, description="Charges the budget once, re-runs too.")
+    iteration: int = 0
     role: str
     model: str
     usage: Usage
     cost_usd: Decimal
     duration_ms: int
+    usage_known: bool = Field(default=True, description="False: the reply said nothing of its usage, so the call "
+                                                         "was charged its worst case.")
+    failed: str | None = Field(default=None, description="Why a billed attempt failed; it was retried or ended the job.")
 
 
 class Verdict(StrictModel):
@@ -175,6 +187,8 @@ class IterationDetail(StrictModel):
     confidence: float
     cost_usd: float
     artifact_ref: str
+    usage_known: bool = Field(default=True, description="False when a call of this iteration was charged its worst "
+                                                         "case, its usage being unknown.")
 
 
 class JobResult(StrictModel):
@@ -186,6 +200,8 @@ class JobResult(StrictModel):
     last_functional_iteration: int | None
     total_iterations: int
     total_cost_usd: float
+    other_cost_usd: float = Field(default=0.0, description="Billed calls outside iterations_detail: attempts of an "
+                                  "iteration cut short before its artifact (an error, the budget, the deadline).")
     total_duration_ms: int
     created_at: datetime
     started_at: datetime | None

@@ -20,8 +20,7 @@ from factory.artifacts import render
 from factory.budget import Budget
 from factory.errors import (BudgetExceeded, DeadlineExceeded, JobFailed, ProviderError, StorageError)
 from factory.eventlog import EventLog
-from factory.models import (CallRecord, Event, IterationDetail, IterationOutput, JobResult, StopReason, Verdict,
-                            utcnow)
+from factory.models import Event, IterationDetail, IterationOutput, JobResult, StopReason, Verdict, utcnow
 from factory.preflight import JobPlan, ModelPlan
 from factory.prompts import (EVALUATOR_SYSTEM, EXECUTOR_SYSTEM, REPAIR_INSTRUCTION, VERDICT_SCHEMA,
                              VERDICT_TOOL, VERDICT_TOOL_DESCRIPTION, evaluator_prompt, executor_prompt)
@@ -35,12 +34,14 @@ from tasks.calls import CallResult
 from tasks.evaluate import evaluate_artifact
 from tasks.generate import generate_artifact
 from tasks.media import generate_media, transcribe_audio
-from tasks.retry import retry_options
+from tasks.retry import Allowance
 from tasks.store import store_artifact
 
 # Who wants to hear of each finished iteration in this context (the RunPod handler's progress_update).
 progress_listener: ContextVar[Callable[[dict], None] | None] = ContextVar("progress_listener", default=None)
 
+# What the event log says of each billed call at the end of its iteration.
+CALL_FIELDS = {"role", "model", "cost_usd", "usage_known", "failed"}
 STOP_EVENTS = {
     StopReason.CONFORMITY: Event.JOB_CONVERGED,
     StopReason.MAX_CYCLES: Event.JOB_MAX_ITERATIONS,
@@ -58,6 +59,7 @@ class Iteration:
     verdict: Verdict
     cost: Decimal
     duration_ms: int
+    usage_known: bool = True
 
 
 @dataclass
@@ -66,17 +68,16 @@ class JobRun:
     settings: FactorySettings
     log: EventLog
     created_at: object = field(default_factory=utcnow)
-    calls: list[CallRecord] = field(default_factory=list)
     iterations: list[Iteration] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.budget = Budget(self.plan.job.limits.budget_usd)
         self.deadline = time.time() + self.plan.job.limits.timeout_minutes * 60
-        options = retry_options()
-        self.generate = generate_artifact.with_options(**options)
-        self.evaluate = evaluate_artifact.with_options(**options)
-        self.generate_media = generate_media.with_options(**options)
-        self.transcribe = transcribe_audio.with_options(**options)
+        # Each task retries its own call (tasks/retry.py): within the budget and the deadline, attempt by attempt.
+        self.generate = generate_artifact
+        self.evaluate = evaluate_artifact
+        self.generate_media = generate_media
+        self.transcribe = transcribe_audio
         self.report = JobReport(self.plan.job.job_id, self.plan.job.function, self.plan.job.limits)
 
     async def run(self) -> JobResult:
@@ -121,17 +122,20 @@ class JobRun:
                       else make_media(self, n, previous))
         await self.log.emit(Event.EXECUTOR_RESPONSE, iteration=n, **made.output.model_dump())
         try:
-            verdict, eval_cost = await self._judge(n, made.shown, made.images)
-        except (BudgetExceeded, DeadlineExceeded) as exc:
+            verdict = await self._judge(n, made.shown, made.images)
+        except (BudgetExceeded, DeadlineExceeded, ProviderError) as exc:
             # The artifact was paid for: keep it in the result, marked as not judged.
-            self._record(n, made, unjudged_verdict(str(exc)), made.cost, started)
+            self._record(n, made, unjudged_verdict(str(exc)), started)
             raise
-        done = self._record(n, made, verdict, made.cost + eval_cost, started)
+        done = self._record(n, made, verdict, started)
         self.report.iteration(n, made.shown, made.location.ref, made.extension, verdict, done.cost,
                               self.budget.spent, done.duration_ms)
+        calls = [r for r in self.budget.records if r.iteration == n]
         await self.log.emit(Event.ITERATION_END, iteration=n, converged=verdict.converged,
                             confidence=verdict.confidence, cost_usd=float(done.cost),
-                            spent_usd=float(self.budget.spent), duration_ms=done.duration_ms)
+                            spent_usd=float(self.budget.spent), duration_ms=done.duration_ms,
+                            usage_known=done.usage_known,
+                            calls=[r.model_dump(mode="json", include=CALL_FIELDS) for r in calls])
         if (listener := progress_listener.get()) is not None:
             listener({"iteration": n, "max_cycles": self.plan.job.limits.max_cycles, "converged": verdict.converged,
                       "confidence": verdict.confidence, "spent_usd": float(self.budget.spent)})
@@ -153,18 +157,21 @@ class JobRun:
         location = self.plan.artifact_dir.child(f"iteration-{n:02d}{extension}")
         digest = await store_artifact(location, text.encode())
         output = IterationOutput(artifact_ref=location.ref, artifact_hash=digest, executor_model=generated.reply.model,
-                                 cost_usd=float(generated.call.cost_usd), tokens_used=generated.call.usage.total,
+                                 cost_usd=float(sum(c.cost_usd for c in generated.calls)),
+                                 tokens_used=generated.call.usage.total,
                                  metadata={"stop_reason": generated.reply.stop_reason,
+                                           "usage_known": generated.call.usage_known,
                                            **generated.call.usage.model_dump()})
-        return Made(text, text.encode(), extension, location, output, generated.call.cost_usd)
+        return Made(text, text.encode(), extension, location, output)
 
-    def _record(self, n: int, made: Made, verdict: Verdict, cost: Decimal, started: float) -> Iteration:
-        done = Iteration(n, made.shown, made.data, made.location.ref, verdict, cost,
-                         int((time.perf_counter() - started) * 1000))
+    def _record(self, n: int, made: Made, verdict: Verdict, started: float) -> Iteration:
+        calls = [r for r in self.budget.records if r.iteration == n]
+        done = Iteration(n, made.shown, made.data, made.location.ref, verdict, self.budget.spent_on(n),
+                         int((time.perf_counter() - started) * 1000), all(r.usage_known for r in calls))
         self.iterations.append(done)
         return done
 
-    async def _judge(self, n: int, artifact: str, images: list[ImagePart]) -> tuple[Verdict, Decimal]:
+    async def _judge(self, n: int, artifact: str, images: list[ImagePart]) -> Verdict:
         """The verdict on an artifact (media shown as images), with one repair call if the reply is unreadable."""
         prompt = evaluator_prompt(self.plan.job.objective, self.plan.job.seed, artifact, self.plan.media_kind)
         request = ChatRequest(model=self.plan.evaluator.api_name, system=EVALUATOR_SYSTEM,
@@ -172,17 +179,17 @@ class JobRun:
                               max_tokens=self.settings.evaluator_max_tokens, response_schema=VERDICT_SCHEMA,
                               schema_name=VERDICT_TOOL, schema_description=VERDICT_TOOL_DESCRIPTION)
         first = await self.call(self.evaluate, Event.EVALUATOR_CALL, n, "evaluator", self.plan.evaluator, request)
-        cost = first.call.cost_usd
         try:
             verdict = parse_verdict(first.reply.structured, first.reply.text)
         except UnreadableVerdict as exc:
-            verdict, repair_cost = await self._repair(n, request, first, str(exc))
-            cost += repair_cost
+            verdict = await self._repair(n, request, first, str(exc))
+        cost = sum((r.cost_usd for r in self.budget.records if r.iteration == n and r.role.startswith("evaluator")),
+                   Decimal(0))
         verdict = verdict.model_copy(update={"evaluator_model": first.reply.model, "cost_usd": float(cost)})
         await self.log.emit(Event.EVALUATOR_RESPONSE, iteration=n, **verdict.model_dump())
-        return verdict, cost
+        return verdict
 
-    async def _repair(self, n: int, request: ChatRequest, first: CallResult, error: str) -> tuple[Verdict, Decimal]:
+    async def _repair(self, n: int, request: ChatRequest, first: CallResult, error: str) -> Verdict:
         said = first.reply.text.strip() or str(first.reply.structured or "(an empty reply)")
         repair = request.model_copy(update={"messages": [
             *request.messages, Message(role="assistant", content=said),
@@ -192,15 +199,16 @@ class JobRun:
             second = await self.call(self.evaluate, Event.EVALUATOR_CALL, n, "evaluator-repair",
                                       self.plan.evaluator, repair)
         except BudgetExceeded as exc:
-            return unparseable_verdict(f"{error}; not asked again: {exc}"), Decimal(0)
+            return unparseable_verdict(f"{error}; not asked again: {exc}")
         try:
-            return parse_verdict(second.reply.structured, second.reply.text), second.call.cost_usd
+            return parse_verdict(second.reply.structured, second.reply.text)
         except UnreadableVerdict as exc:
-            return unparseable_verdict(f"{error}; after one repair: {exc}"), second.call.cost_usd
+            return unparseable_verdict(f"{error}; after one repair: {exc}")
 
     async def call(self, task, event: Event, n: int, role: str, model: ModelPlan, request,
                     worst: Decimal | None = None, **extra):
-        """Check the budget against the call's worst case, make the call through its task, charge what it cost.
+        """Make a call through its task, which checks each attempt's worst case against the budget and charges
+        every billed attempt; the records of a result read from the cache (a re-run) are charged here.
 
         `worst` defaults to a chat request's bound; media calls pass their own.
         """
@@ -208,12 +216,12 @@ class JobRun:
             worst = model.price.worst_case(request.input_token_bound(), request.max_tokens)
         what = f"the {role} call of iteration {n}"
         self.report.budget(self.budget.spent, worst, what)
-        self.budget.check(worst, what)
+        self.budget.check(worst, what)  # before the event: a call that cannot fit is never announced
         await self.log.emit(event, iteration=n, role=role, model=model.name, worst_case_usd=float(worst))
-        result = await task(self.plan.job.job_id, n, role, model.provider, request, price=model.price,
-                            deadline=self.deadline, **extra)
-        self.budget.charge(result.call.cost_usd)
-        self.calls.append(result.call)
+        allowance = Allowance(budget=self.budget, price=model.price, worst=worst, deadline=self.deadline)
+        result = await task(self.plan.job.job_id, n, role, model.provider, request, allowance=allowance, **extra)
+        for record in result.calls:
+            self.budget.charge(record)
         return result
 
     async def _finish(self, stop: StopReason, started_at, error: str | None) -> JobResult:
@@ -233,6 +241,7 @@ class JobRun:
 
     def _result(self, stop: StopReason, started_at, error: str | None) -> JobResult:
         functional = [i.number for i in self.iterations if not i.verdict.weaknesses and not i.verdict.parse_error]
+        in_iterations = sum((i.cost for i in self.iterations), Decimal(0))
         best = max(self.iterations, key=lambda i: (i.verdict.converged, i.verdict.confidence, i.number), default=None)
         final = self.iterations[-1] if stop is StopReason.CONFORMITY else best
         completed_at = utcnow()
@@ -242,13 +251,14 @@ class JobRun:
             final_artifact_ref=final.artifact_ref if final else None,
             last_functional_iteration=functional[-1] if functional else None,
             total_iterations=len(self.iterations),
-            total_cost_usd=float(sum((c.cost_usd for c in self.calls), Decimal(0))),
+            total_cost_usd=float(self.budget.spent), other_cost_usd=float(self.budget.spent - in_iterations),
             total_duration_ms=int((completed_at - started_at).total_seconds() * 1000),
             created_at=self.created_at, started_at=started_at, completed_at=completed_at,
             executor_model_used=self.plan.executor.name, evaluator_model_used=self.plan.evaluator.name,
             iterations_detail=[IterationDetail(iteration=i.number, duration_ms=i.duration_ms,
                                                converged=i.verdict.converged, confidence=i.verdict.confidence,
-                                               cost_usd=float(i.cost), artifact_ref=i.artifact_ref)
+                                               cost_usd=float(i.cost), artifact_ref=i.artifact_ref,
+                                               usage_known=i.usage_known)
                                for i in self.iterations],
             log_ref=self.plan.log_path.ref, error=error,
             dry_run=DRY_RUN_MODEL in (self.plan.executor.name, self.plan.evaluator.name),

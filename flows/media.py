@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import base64
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from factory.artifacts import MEDIA_EXTENSIONS
 from factory.media import MediaKind, MediaRequest
+from factory.media.base import MediaFacts
 from factory.models import Event, IterationOutput
 from factory.prompts import media_description
 from factory.providers import ImagePart
@@ -23,20 +23,18 @@ from tasks.media import MediaCallResult, TranscriptCallResult, media_usage_bound
 from tasks.store import store_artifact
 
 if TYPE_CHECKING:
-    from factory.media.probe import MediaFacts
     from flows.loop import Iteration, JobRun
 
 
 @dataclass
 class Made:
-    """What the executor step produced: what the evaluator reads, what is stored, and its cost."""
+    """What the executor step produced: what the evaluator reads, and what is stored."""
 
     shown: str
     data: bytes
     extension: str
     location: Location
     output: IterationOutput
-    cost: Decimal
     images: list[ImagePart] = field(default_factory=list)
 
 
@@ -46,7 +44,7 @@ def media_prompt(seed: str, previous: Iteration | None) -> str:
 
 
 async def make_media(run: JobRun, n: int, previous: Iteration | None) -> Made:
-    from factory.media.probe import facts_text, probe, thumbnail  # PyAV, Pillow, NumPy: media jobs only
+    from factory.media.probe import facts_text, thumbnail  # PyAV, Pillow, NumPy: media jobs only
 
     plan = run.plan
     kind = plan.media_kind
@@ -56,39 +54,24 @@ async def make_media(run: JobRun, n: int, previous: Iteration | None) -> Made:
                            duration_s=settings.media_seconds)
     worst = plan.executor.price.cost(await media_usage_bound(plan.executor.provider, request))
     generated: MediaCallResult = await run.call(run.generate_media, Event.EXECUTOR_CALL, n, "executor",
-                                                 plan.executor, request, worst)
-    media = generated.result
+                                                 plan.executor, request, worst, rejects=plan.artifact_dir)
+    media, facts, images = generated.result, generated.facts, generated.shown
     extension = MEDIA_EXTENSIONS.get(media.media_type, ".bin")
     location = plan.artifact_dir.child(f"iteration-{n:02d}{extension}")
     digest = await store_artifact(location, media.data)
-    facts = await asyncio.to_thread(probe, media.data, media.media_type)
-    images = await asyncio.to_thread(_images, kind, media.data, media.media_type, settings.video_frames)
     if images:  # the image, or a video's first frame, in the UI too
         first = images[0]
         run.report.picture(n, await asyncio.to_thread(thumbnail, base64.b64decode(first.data), first.media_type))
-    cost, transcript = generated.call.cost_usd, None
+    transcript = None
     if kind is MediaKind.AUDIO:
-        heard = await _transcribe(run, n, request, generated, facts)
-        cost, transcript = cost + heard.call.cost_usd, heard.transcript.text
+        transcript = (await _transcribe(run, n, request, generated, facts)).transcript.text
     shown = media_description(kind, request.prompt, facts_text(facts), transcript, len(images))
     output = IterationOutput(
         artifact_ref=location.ref, artifact_hash=digest, executor_model=media.model,
-        cost_usd=float(generated.call.cost_usd), tokens_used=generated.call.usage.total,
-        metadata={"prompt": request.prompt, "media_type": media.media_type,
+        cost_usd=float(sum(c.cost_usd for c in generated.calls)), tokens_used=generated.call.usage.total,
+        metadata={"prompt": request.prompt, "media_type": media.media_type, "usage_known": generated.call.usage_known,
                   **facts.model_dump(exclude_none=True), **generated.call.usage.model_dump(mode="json")})
-    return Made(shown, media.data, extension, location, output, cost, images)
-
-
-def _images(kind: MediaKind, data: bytes, media_type: str, frames: int) -> list[ImagePart]:
-    from factory.media.probe import evaluator_image, sample_frames
-
-    if kind is MediaKind.IMAGE:
-        shown_type, shown = evaluator_image(data, media_type)
-        return [ImagePart(media_type=shown_type, data=base64.b64encode(shown).decode())]
-    if kind is MediaKind.VIDEO:
-        return [ImagePart(media_type="image/png", data=base64.b64encode(frame).decode())
-                for frame in sample_frames(data, frames)]
-    return []
+    return Made(shown, media.data, extension, location, output, images)
 
 
 async def _transcribe(run: JobRun, n: int, request: MediaRequest, generated: MediaCallResult,

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from prefect import task
 
-from factory.pricing import Price
 from factory.providers import ChatRequest
 from tasks.calls import CallResult, billed_call, call_cache_key
+from tasks.retry import Allowance, Call
 
 
 @task(name="generate_artifact", cache_key_fn=call_cache_key, persist_result=True,
       task_run_name="generate-{job_id}-{iteration}")
 async def generate_artifact(
-    job_id: str, iteration: int, role: str, provider: str, request: ChatRequest, price: Price, deadline: float
+    job_id: str, iteration: int, role: str, provider: str, request: ChatRequest, allowance: Allowance
 ) -> CallResult:
     """Ask the executor for iteration `iteration`'s artifact.
 
@@ -20,10 +20,9 @@ async def generate_artifact(
         job_id, iteration, role: name the call in the cache key and the UI.
         provider: from `factory.providers.provider_name`.
         request: the full prompt and limits; all of it keys the cache.
-        price: what the model costs, to price the reply's usage.
-        deadline: epoch seconds after which no call is made.
+        allowance: the job's budget, the model's price, the call's worst case and the job's deadline.
 
     Returns:
-        The reply and its CallRecord (tokens, exact cost, duration).
+        The reply and the CallRecords of its billed attempts (tokens, exact cost, duration).
     """
-    return await billed_call(provider, request, price, deadline, role)
+    return await billed_call(provider, request, Call(iteration, role, request.model), allowance)

@@ -13,62 +13,96 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.states import Cancelled, Cancelling
+from pydantic import Field
 
-from factory.errors import TransientProviderError
+from factory.artifacts import MEDIA_EXTENSIONS
+from factory.errors import ProviderRequestError, StorageError, StorageSpooled, TransientProviderError
 from factory.media import GPU_PROVIDERS, MediaRequest, MediaResult, make_media_generator
-from factory.media.base import Transcript
+from factory.media.base import MediaFacts, Transcript
 from factory.models import CallRecord, StrictModel, Usage
-from factory.pricing import Price
+from factory.providers import ImagePart
 from factory.settings import get_settings
-from tasks.calls import call_cache_key, client_for, time_left
+from factory.storage import Location, get_storage
+from tasks.calls import call_cache_key, client_for
+from tasks.retry import Allowance, Call, with_retries
 
 STATE_POLL_S = 1.0
 
 
 class MediaCallResult(StrictModel):
     result: MediaResult
-    call: CallRecord
+    facts: MediaFacts
+    shown: list[ImagePart] = Field(description="What the evaluator is shown: the image, or sampled video frames.")
+    calls: list[CallRecord] = Field(min_length=1, description="Every billed attempt, the one that made it last.")
+
+    @property
+    def call(self) -> CallRecord:
+        return self.calls[-1]
 
 
 class TranscriptCallResult(StrictModel):
     transcript: Transcript
-    call: CallRecord
+    calls: list[CallRecord] = Field(min_length=1)
+
+    @property
+    def call(self) -> CallRecord:
+        return self.calls[-1]
 
 
 @task(name="generate_media", cache_key_fn=call_cache_key, persist_result=True,
       task_run_name="generate-{job_id}-{iteration}")
 async def generate_media(job_id: str, iteration: int, role: str, provider: str, request: MediaRequest,
-                         price: Price, deadline: float) -> MediaCallResult:
+                         allowance: Allowance, rejects: Location) -> MediaCallResult:
     """Make iteration `iteration`'s media: on the GPU pool for GPU models (here, where this process has the
-    GPU: FACTORY_GPU_LOCAL), else through the provider's API.
+    GPU: FACTORY_GPU_LOCAL), else through the provider's API. Media that does not decode is a provider fault:
+    it is charged, kept in `rejects` for inspection and made again; only media the evaluator can be shown is
+    returned (and so cached).
 
     Returns:
-        The media and its CallRecord (units billed, exact cost, duration).
+        The media, what the evaluator is shown of it, and the CallRecords of its billed attempts.
     """
-    started = time.perf_counter()
-    if provider in GPU_PROVIDERS and not get_settings().gpu_local:
-        result = await run_on_gpu(request, time_left(deadline, role, get_settings().gpu_timeout_s))
-    else:
-        generator = await client_for(provider, make_media_generator)
-        result = await generator.generate(request, timeout_s=time_left(deadline, role))
-    record = CallRecord(role=role, model=request.model, usage=result.usage, cost_usd=price.cost(result.usage),
-                        duration_ms=int((time.perf_counter() - started) * 1000))
-    return MediaCallResult(result=result, call=record)
+    from factory.media.probe import UnreadableMedia, examine  # PyAV, Pillow, NumPy: media jobs only
+
+    settings = get_settings()
+    on_gpu = provider in GPU_PROVIDERS and not settings.gpu_local
+    generator = None if on_gpu else await client_for(provider, make_media_generator)
+    rejected = 0
+
+    async def attempt(timeout_s: float) -> tuple[tuple[MediaResult, MediaFacts, list[ImagePart]], Usage | None]:
+        nonlocal rejected
+        made = await (run_on_gpu(request, timeout_s) if generator is None
+                      else generator.generate(request, timeout_s=timeout_s))
+        usage = made.usage if made.usage_known else None
+        try:
+            facts, shown = await asyncio.to_thread(examine, request.kind, made.data, made.media_type,
+                                                   settings.video_frames)
+        except UnreadableMedia as exc:
+            rejected += 1
+            name = f"iteration-{iteration:02d}-rejected-{rejected}{MEDIA_EXTENSIONS.get(made.media_type, '.bin')}"
+            kept = await _keep(rejects.child(name), made.data)
+            raise TransientProviderError(request.model, f"{exc} The bytes were kept at {kept}.", billed=usage,
+                                         billed_unknown=True) from exc
+        return (made, facts, shown), usage
+
+    (made, facts, shown), records = await with_retries(attempt, Call(iteration, role, request.model), allowance,
+                                                       bound_s=settings.gpu_timeout_s if on_gpu else None)
+    return MediaCallResult(result=made, facts=facts, shown=shown, calls=records)
 
 
 @task(name="transcribe_audio", cache_key_fn=call_cache_key, persist_result=True,
       task_run_name="transcribe-{job_id}-{iteration}")
 async def transcribe_audio(job_id: str, iteration: int, role: str, provider: str, request: MediaRequest,
-                           audio: MediaResult, price: Price, deadline: float) -> TranscriptCallResult:
+                           audio: MediaResult, allowance: Allowance) -> TranscriptCallResult:
     """Transcribe generated audio so the evaluator can judge what it says. `request` keys the cache."""
-    started = time.perf_counter()
     client = await client_for(provider, make_media_generator)  # OpenAI: the one transcriber
     model = get_settings().transcription_model
-    transcript = await client.transcribe(audio.data, audio.media_type, model=model,
-                                         timeout_s=time_left(deadline, role))
-    record = CallRecord(role=role, model=model, usage=transcript.usage, cost_usd=price.cost(transcript.usage),
-                        duration_ms=int((time.perf_counter() - started) * 1000))
-    return TranscriptCallResult(transcript=transcript, call=record)
+
+    async def attempt(timeout_s: float) -> tuple[Transcript, Usage]:
+        transcript = await client.transcribe(audio.data, audio.media_type, model=model, timeout_s=timeout_s)
+        return transcript, transcript.usage
+
+    transcript, records = await with_retries(attempt, Call(iteration, role, model), allowance)
+    return TranscriptCallResult(transcript=transcript, calls=records)
 
 
 async def media_usage_bound(provider: str, request: MediaRequest) -> Usage:
@@ -79,15 +113,32 @@ async def media_usage_bound(provider: str, request: MediaRequest) -> Usage:
     return generator.usage_bound(request)
 
 
+async def _keep(location: Location, data: bytes) -> str:
+    """Store rejected media where a person can look at it; say where it went."""
+    try:
+        await get_storage().write(location, data)
+    except StorageSpooled as exc:
+        return str(exc.spool_path)
+    except StorageError as exc:
+        return f"nowhere ({exc})"
+    return location.ref
+
+
 async def run_on_gpu(request: MediaRequest, timeout_s: float) -> MediaResult:
     """Run the GPU flow for `request` as a child flow run on the GPU pool and wait for its result.
 
+    RunPod bills a job's whole execution, finished or not, rounded up to the second: the run's own start and
+    end times when it has them, else the time since it was submitted (an upper bound).
+
     Raises:
-        TransientProviderError: the run failed, crashed (RunPod FAILED / TIMED_OUT) or did not finish in time;
-            the task's retries submit a new run.
+        ProviderRequestError: the run Failed: the flow itself raised (a missing model folder, a bad request) or
+            the pool refused it (a RunPod key or endpoint refused); trying again cannot help.
+        TransientProviderError: the run Crashed (RunPod FAILED / TIMED_OUT, a lost worker) or did not finish in
+            time (it is cancelled); a new run is worth trying.
     """
     from flows.generation import GPU_FLOWS  # flows import tasks: resolved at call time
 
+    submitted = time.monotonic()
     # Submission is synchronous in Prefect (bundle, upload, create the run): keep it off the event loop.
     future = await asyncio.to_thread(GPU_FLOWS[request.kind].submit_to_work_pool, request)
     try:
@@ -95,20 +146,30 @@ async def run_on_gpu(request: MediaRequest, timeout_s: float) -> MediaResult:
     except (TimeoutError, asyncio.CancelledError) as exc:
         await asyncio.shield(_cancel(future.flow_run_id))
         if isinstance(exc, TimeoutError):
-            raise TransientProviderError(request.model, f"GPU flow run {future.flow_run_id} did not finish "
-                                                        f"within {timeout_s:.0f} s; it was cancelled") from exc
+            raise TransientProviderError(
+                request.model, f"GPU flow run {future.flow_run_id} did not finish within {timeout_s:.0f} s; it was "
+                               f"cancelled", billed=_gpu_usage(None, submitted)) from exc
         raise
     state = run.state
+    billed = _gpu_usage(run, submitted)
+    if state.is_failed():
+        raise ProviderRequestError(request.model, f"GPU flow run {future.flow_run_id} failed: "
+                                                  f"{state.message or 'no detail'}", billed=billed)
     if not state.is_completed():
         raise TransientProviderError(request.model, f"GPU flow run {future.flow_run_id} ended "
-                                                    f"{state.type.value}: {state.message or 'no detail'}")
+                                                    f"{state.type.value}: {state.message or 'no detail'}",
+                                     billed=billed)
     result: MediaResult = await state.aresult()
-    # RunPod bills the whole execution, rounded up to the second, not just the pipeline call.
-    if run.start_time is not None and run.end_time is not None:
-        ran = Decimal(math.ceil((run.end_time - run.start_time).total_seconds()))
-        result = result.model_copy(update={"usage": result.usage.model_copy(
-            update={"gpu_seconds": max(ran, result.usage.gpu_seconds)})})
-    return result
+    return result.model_copy(update={"usage": result.usage.model_copy(
+        update={"gpu_seconds": max(billed.gpu_seconds, result.usage.gpu_seconds)})})
+
+
+def _gpu_usage(run: FlowRun | None, submitted: float) -> Usage:
+    if run is not None and run.start_time is not None and run.end_time is not None:
+        ran = (run.end_time - run.start_time).total_seconds()
+    else:
+        ran = time.monotonic() - submitted
+    return Usage(gpu_seconds=Decimal(math.ceil(ran)))
 
 
 async def _finished(flow_run_id) -> FlowRun:

@@ -46,6 +46,7 @@ class MediaResult(StrictModel):
     data: bytes
     media_type: str = Field(description="MIME type, e.g. image/png, audio/mpeg, video/mp4.")
     usage: Usage
+    usage_known: bool = Field(default=True, description="False: the provider did not say, `usage` is its bound.")
     model: str
 
 
@@ -54,6 +55,23 @@ class Transcript(StrictModel):
 
     text: str
     usage: Usage
+
+
+class MediaFacts(StrictModel):
+    """Measured facts about one piece of media; fields that do not apply to its kind are None."""
+
+    media_type: str
+    format: str
+    size_bytes: int
+    width: int | None = None
+    height: int | None = None
+    duration_s: float | None = None
+    fps: float | None = None
+    frame_count: int | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    loudness_dbfs: float | None = None
+    peak_dbfs: float | None = None
 
 
 class MediaGenerator(ABC):

@@ -51,9 +51,12 @@ class ElevenLabsGenerator(MediaGenerator):
             response = await send(self._client, "POST", url, model=request.model, timeout_s=timeout_s,
                                   params={"output_format": OUTPUT_FORMAT},
                                   json={"text": request.prompt, "model_id": request.model})
-        data, _ = media_body(response, request.model)
-        return MediaResult(data=data, media_type="audio/mpeg", usage=Usage(characters=_characters(response, request)),
-                           model=request.model)
+        usage = Usage(characters=_characters(response, request))
+        try:
+            data, _ = media_body(response, request.model)
+        except TransientProviderError as exc:  # the speech was billed, whatever came back
+            raise TransientProviderError(request.model, str(exc), billed=usage) from exc
+        return MediaResult(data=data, media_type="audio/mpeg", usage=usage, model=request.model)
 
     def usage_bound(self, request: MediaRequest) -> Usage:
         return Usage(characters=len(request.prompt))
@@ -64,6 +67,7 @@ def _characters(response: httpx.Response, request: MediaRequest) -> int:
     value = response.headers.get("character-cost")
     if value is None:
         return len(request.prompt)
-    if not value.strip().isdecimal():
-        raise TransientProviderError(request.model, MALFORMED)
+    if not value.strip().isdecimal():  # billed, for an amount it did not say: charged the call's worst case
+        raise TransientProviderError(request.model, f"{MALFORMED}: character-cost {value[:20]!r}",
+                                     billed_unknown=True)
     return int(value)

@@ -99,12 +99,18 @@ class FalGenerator(MediaGenerator):
         if request.seed is not None:
             body["seed"] = request.seed
         url = f"{get_settings().fal_url.rstrip('/')}/{request.model}"
+        ends = asyncio.get_running_loop().time() + timeout_s
         async with deadline(request.model, timeout_s):
             image = parse(await self._call("POST", url, request.model, timeout_s, json=body), _Images,
                           request.model).images[0]
-            data, media_type = await self._patiently(
-                lambda: fetch_media(self._client, image.url, model=request.model, timeout_s=timeout_s))
         usage = Usage(images=1, megapixels=_megapixels(image.width or request.width, image.height or request.height))
+        try:  # the image is made and billed: a failed download must still be counted
+            async with deadline(request.model, ends - asyncio.get_running_loop().time()):
+                data, media_type = await self._patiently(
+                    lambda: fetch_media(self._client, image.url, model=request.model, timeout_s=timeout_s))
+        except ProviderError as exc:
+            raise TransientProviderError(request.model, f"the image was made but could not be fetched ({exc})",
+                                         billed=usage) from exc
         return MediaResult(data=data, media_type=image.content_type or media_type or "image/png", usage=usage,
                            model=request.model)
 
@@ -116,9 +122,12 @@ class FalGenerator(MediaGenerator):
         ends = loop.time() + timeout_s
         async with deadline(request.model, timeout_s):
             queued = parse(await self._call("POST", url, request.model, timeout_s, json=body), _Queued, request.model)
+        usage = Usage(media_seconds=Decimal(request.duration_s))
+        completed = False
         try:
             async with asyncio.timeout_at(ends):
                 await self._wait(queued, request.model, timeout_s)
+                completed = True
                 video = await self._patiently(lambda: self._read(queued.response_url, _Video, request.model,
                                                                  timeout_s))
                 data, media_type = await self._patiently(
@@ -126,9 +135,13 @@ class FalGenerator(MediaGenerator):
         except TimeoutError as exc:
             await self._cancel(queued, request.model)
             raise TransientProviderError(request.model, f"request {queued.request_id} was not done within "
-                                                        f"{timeout_s:g}s; it was cancelled") from exc
+                                                        f"{timeout_s:g}s; it was cancelled", billed_unknown=True,
+                                         billed=usage if completed else None) from exc
+        except ProviderError as exc:  # a completed video is billed; an unfinished one may be
+            raise TransientProviderError(request.model, f"request {queued.request_id}: {exc}",
+                                         billed=usage if completed else None, billed_unknown=True) from exc
         return MediaResult(data=data, media_type=video.video.content_type or media_type or "video/mp4",
-                           usage=Usage(media_seconds=Decimal(request.duration_s)), model=request.model)
+                           usage=usage, model=request.model)
 
     async def _wait(self, queued: _Queued, model: str, timeout_s: float) -> None:
         while True:

@@ -23,9 +23,8 @@ import httpx
 import pydantic
 
 from factory.errors import TransientProviderError
-from factory.providers.base import status_error
+from factory.providers.base import MALFORMED, status_error
 
-MALFORMED = "the provider's reply was malformed"
 EXCERPT_CHARS = 300
 # Request headers that carry a key: their values are cut out of any reply text an error quotes.
 SECRET_HEADERS = ("authorization", "xi-api-key")
@@ -54,12 +53,15 @@ async def send(client: httpx.AsyncClient, method: str, url: str, *, model: str, 
         ProviderAuthError: HTTP 401/403.
         ProviderRequestError: any other refusal, quoting the start of the reply.
     """
+    # Once the request is sent the provider may bill it, whatever became of the reply: charged its worst case.
     try:
         response = await client.request(method, url, timeout=timeout_s, **kwargs)
     except httpx.TimeoutException as exc:
-        raise TransientProviderError(model, f"the call timed out after {timeout_s:g}s") from exc
+        raise TransientProviderError(model, f"the call timed out after {timeout_s:g}s",
+                                     billed_unknown=not isinstance(exc, httpx.ConnectTimeout)) from exc
     except httpx.TransportError as exc:
-        raise TransientProviderError(model, f"connection failed: {type(exc).__name__}: {exc}") from exc
+        raise TransientProviderError(model, f"connection failed: {type(exc).__name__}: {exc}",
+                                     billed_unknown=not isinstance(exc, httpx.ConnectError)) from exc
     check_status(response, model)
     return response
 
@@ -74,12 +76,12 @@ def parse(response: httpx.Response, shape: type[ReplyT], model: str) -> ReplyT:
     """The reply's JSON body read as `shape`.
 
     Raises:
-        TransientProviderError: the body is not JSON, or not of that shape.
+        TransientProviderError: the body is not JSON, or not of that shape (a 2xx reply: maybe billed).
     """
     try:
         return shape.model_validate_json(response.content)
     except pydantic.ValidationError as exc:
-        raise TransientProviderError(model, MALFORMED) from exc
+        raise TransientProviderError(model, MALFORMED, billed_unknown=True) from exc
 
 
 def media_body(response: httpx.Response, model: str) -> tuple[bytes, str | None]:
@@ -121,7 +123,7 @@ async def deadline(model: str, timeout_s: float) -> AsyncIterator[None]:
         async with asyncio.timeout(timeout_s):
             yield
     except TimeoutError as exc:
-        raise TransientProviderError(model, f"the call took longer than {timeout_s:g}s") from exc
+        raise TransientProviderError(model, f"the call took longer than {timeout_s:g}s", billed_unknown=True) from exc
 
 
 def content_type(response: httpx.Response) -> str | None:

@@ -85,7 +85,7 @@ class OpenAIMediaGenerator(MediaGenerator):
             raise translate_sdk_error(exc, model, openai) from exc
         text, duration = getattr(reply, "text", None), getattr(reply, "duration", None)
         if not isinstance(text, str) or not isinstance(duration, int | float) or duration < 0:
-            raise TransientProviderError(model, MALFORMED)
+            raise TransientProviderError(model, MALFORMED, billed_unknown=True)
         return Transcript(text=text, usage=Usage(media_seconds=Decimal(math.ceil(duration))))
 
     @staticmethod
@@ -102,15 +102,21 @@ class OpenAIMediaGenerator(MediaGenerator):
             response = await self._client.images.generate(**kwargs, timeout=timeout_s)
         except SDK_ERRORS as exc:
             raise translate_sdk_error(exc, request.model, openai) from exc
-        encoded = response.data[0].b64_json if response.data else None
+        reported = getattr(response, "usage", None)
+        usage = self._image_usage(reported, request)
+        data = getattr(response, "data", None)
+        encoded = getattr(data[0], "b64_json", None) if isinstance(data, list) and data else None
         try:
-            data = base64.b64decode(encoded or "", validate=True)
-        except binascii.Error as exc:
-            raise TransientProviderError(request.model, MALFORMED) from exc
-        if not data:
-            raise TransientProviderError(request.model, MALFORMED)
-        return MediaResult(data=data, media_type=IMAGE_TYPES.get(response.output_format or "png", "image/png"),
-                           usage=self._image_usage(response.usage, request), model=request.model)
+            image = base64.b64decode(encoded or "", validate=True)
+        except binascii.Error:
+            image = b""
+        if not image:  # the image was made and billed, whatever came back
+            raise TransientProviderError(request.model, f"{MALFORMED}: no base64 image in `data[0].b64_json`",
+                                         billed=usage)
+        return MediaResult(data=image,
+                           media_type=IMAGE_TYPES.get(getattr(response, "output_format", None) or "png", "image/png"),
+                           usage=usage, usage_known=reported is not None or request.model.startswith("dall-e-"),
+                           model=request.model)
 
     async def _speech(self, request: MediaRequest, timeout_s: float) -> MediaResult:
         try:
@@ -119,9 +125,12 @@ class OpenAIMediaGenerator(MediaGenerator):
                 response_format="mp3", timeout=timeout_s)
         except SDK_ERRORS as exc:
             raise translate_sdk_error(exc, request.model, openai) from exc
-        data, _ = media_body(speech.response, request.model)
-        return MediaResult(data=data, media_type="audio/mpeg", usage=Usage(characters=len(request.prompt)),
-                           model=request.model)
+        usage = Usage(characters=len(request.prompt))
+        try:
+            data, _ = media_body(speech.response, request.model)
+        except TransientProviderError as exc:  # speech is billed per input character, whatever came back
+            raise TransientProviderError(request.model, str(exc), billed=usage) from exc
+        return MediaResult(data=data, media_type="audio/mpeg", usage=usage, model=request.model)
 
     def _image_usage(self, usage: object, request: MediaRequest) -> Usage:
         # gpt-image-* report their tokens. DALL-E reports none and is priced per image, where the bound costs the
@@ -130,5 +139,5 @@ class OpenAIMediaGenerator(MediaGenerator):
             return self.usage_bound(request)
         tokens = getattr(usage, "input_tokens", None), getattr(usage, "output_tokens", None)
         if not all(isinstance(t, int) and t >= 0 for t in tokens):
-            raise TransientProviderError(request.model, MALFORMED)
+            raise TransientProviderError(request.model, f"{MALFORMED}: unreadable `usage`", billed_unknown=True)
         return Usage(images=1, input_tokens=tokens[0], output_tokens=tokens[1])

@@ -6,6 +6,7 @@ worker thread: `facts = await asyncio.to_thread(probe, result.data, result.media
 
 from __future__ import annotations
 
+import base64
 import io
 import math
 from collections.abc import Callable, Iterable
@@ -16,8 +17,8 @@ import av
 import numpy as np
 from PIL import Image
 
-from factory.media.base import MediaKind
-from factory.models import StrictModel
+from factory.media.base import MediaFacts, MediaKind
+from factory.providers.base import ImagePart
 
 # Digital silence has an RMS of 0, whose level is -inf dBFS; JSON and prompts cannot carry that, so levels are
 # floored here, far below anything audible. `loudness_dbfs` is None only when there is no audio at all.
@@ -39,21 +40,22 @@ class UnreadableMedia(ValueError):
                          f"returned {media_type} and that the download was complete.")
 
 
-class MediaFacts(StrictModel):
-    """Measured facts about one piece of media; fields that do not apply to its kind are None."""
+def examine(kind: MediaKind, data: bytes, media_type: str, frames: int) -> tuple[MediaFacts, list[ImagePart]]:
+    """What the evaluator is shown of generated media: its measured facts, and the image itself or `frames`
+    evenly sampled video frames (none for audio, which it hears as a transcript).
 
-    media_type: str
-    format: str
-    size_bytes: int
-    width: int | None = None
-    height: int | None = None
-    duration_s: float | None = None
-    fps: float | None = None
-    frame_count: int | None = None
-    sample_rate: int | None = None
-    channels: int | None = None
-    loudness_dbfs: float | None = None
-    peak_dbfs: float | None = None
+    Raises UnreadableMedia when the bytes do not decode as `kind`: a provider fault, so the call is retried.
+    """
+    facts = probe(data, media_type)
+    if kind is not MediaKind(media_type.partition("/")[0]):
+        raise UnreadableMedia(media_type, f"a {kind.value} was asked for")
+    if kind is MediaKind.IMAGE:
+        shown_type, shown = evaluator_image(data, media_type)
+        return facts, [ImagePart(media_type=shown_type, data=base64.b64encode(shown).decode())]
+    if kind is MediaKind.VIDEO:
+        return facts, [ImagePart(media_type="image/png", data=base64.b64encode(frame).decode())
+                       for frame in sample_frames(data, frames)]
+    return facts, []
 
 
 def probe(data: bytes, media_type: str) -> MediaFacts:

@@ -8,8 +8,10 @@ import anthropic
 import pydantic
 from pydantic import SecretStr
 
+from factory.errors import TransientProviderError
 from factory.models import Usage
-from factory.providers.base import ChatReply, ChatRequest, ImagePart, Message, Provider, translate_sdk_error
+from factory.providers.base import (MALFORMED, ChatReply, ChatRequest, ImagePart, Message, Provider,
+                                    translate_sdk_error)
 
 # Models that answer 400 to a forced `tool_choice` ("tool" or "any"): they get the tool with
 # `auto` and an instruction to call it; a reply without the call goes to the repair path.
@@ -57,14 +59,22 @@ def _content(message: Message) -> str | list[dict]:
 
 
 def _reply(message: anthropic.types.Message, request: ChatRequest) -> ChatReply:
-    text = "".join(block.text for block in message.content if block.type == "text")
+    # The SDK builds replies without validating them: a 200 body may lack what the API documents.
+    raw_usage = getattr(message, "usage", None)
+    usage = _usage(raw_usage) if raw_usage is not None else None
+    content = getattr(message, "content", None)
+    if not isinstance(content, list):
+        raise TransientProviderError(request.model, f"{MALFORMED}: it has no `content`", billed=usage,
+                                     billed_unknown=True)
+    text = "".join(block.text for block in content if block.type == "text")
     structured = next(
-        (block.input for block in message.content
+        (block.input for block in content
          if block.type == "tool_use" and block.name == request.schema_name and isinstance(block.input, dict)),
         None,
     )
-    return ChatReply(text=text, structured=structured, usage=_usage(message.usage), model=message.model,
-                     stop_reason=message.stop_reason)
+    return ChatReply(text=text, structured=structured, usage=usage or Usage(), usage_known=usage is not None,
+                     model=getattr(message, "model", None) or request.model,
+                     stop_reason=getattr(message, "stop_reason", None))
 
 
 def _usage(usage: anthropic.types.Usage) -> Usage:

@@ -24,6 +24,7 @@ from factory.errors import (
 )
 from factory.models import StrictModel, Usage
 
+MALFORMED = "the provider's reply was malformed"
 # Framing a provider adds around each message and the request (roles, separators): counted generously.
 MESSAGE_OVERHEAD_TOKENS = 16
 REQUEST_OVERHEAD_TOKENS = 128
@@ -86,6 +87,8 @@ class ChatReply(StrictModel):
     text: str
     structured: dict[str, Any] | None = None
     usage: Usage
+    usage_known: bool = Field(default=True, description="False: the reply carried no usage (some OpenAI-compatible "
+                                                         "servers omit it), so the call is charged its worst case.")
     model: str
     stop_reason: str | None = None
 
@@ -123,12 +126,14 @@ def _retry_after(response: httpx.Response | None) -> float | None:
 
 def translate_sdk_error(exc: Exception, model: str, sdk: ModuleType) -> ProviderError:
     """Map an anthropic/openai SDK exception (same Stainless hierarchy) to our own classes."""
+    # Once the request is sent the provider may bill it, whatever became of the reply: charged its worst case.
+    sent = not isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout)
     if isinstance(exc, sdk.APITimeoutError):
-        return TransientProviderError(model, "the call timed out")
+        return TransientProviderError(model, "the call timed out", billed_unknown=sent)
     if isinstance(exc, sdk.APIConnectionError):
-        return TransientProviderError(model, f"connection failed: {exc}")
+        return TransientProviderError(model, f"connection failed: {exc}", billed_unknown=sent)
     if isinstance(exc, sdk.APIResponseValidationError | json.JSONDecodeError | pydantic.ValidationError):
-        return TransientProviderError(model, "the provider's reply was malformed")
+        return TransientProviderError(model, MALFORMED, billed_unknown=True)
     if isinstance(exc, sdk.APIStatusError):
         if exc.status_code == 429 and getattr(exc, "code", None) == "insufficient_quota":
             return ProviderRequestError(model, "the account has no quota left (HTTP 429 insufficient_quota).")

@@ -13,8 +13,10 @@ import openai
 import pydantic
 from pydantic import SecretStr
 
+from factory.errors import TransientProviderError
 from factory.models import Usage
-from factory.providers.base import ChatReply, ChatRequest, ImagePart, Message, Provider, translate_sdk_error
+from factory.providers.base import (MALFORMED, ChatReply, ChatRequest, ImagePart, Message, Provider,
+                                    translate_sdk_error)
 
 
 class OpenAIProvider(Provider):
@@ -57,8 +59,16 @@ def _content(message: Message) -> str | list[dict]:
 
 
 def _reply(completion, request: ChatRequest) -> ChatReply:
-    choice = completion.choices[0] if completion.choices else None
-    text = (choice.message.content or "") if choice else ""
+    # The SDK builds replies without validating them: a 200 body may lack what the API documents.
+    raw_usage = getattr(completion, "usage", None)
+    usage = _usage(raw_usage) if raw_usage is not None else None
+    choices = getattr(completion, "choices", None)
+    choice = choices[0] if isinstance(choices, list) and choices else None
+    message = getattr(choice, "message", None)
+    if message is None:
+        raise TransientProviderError(request.model, f"{MALFORMED}: it has no `choices[0].message`", billed=usage,
+                                     billed_unknown=True)
+    text = getattr(message, "content", None) or ""
     structured = None
     if request.response_schema is not None and text:
         try:
@@ -66,13 +76,14 @@ def _reply(completion, request: ChatRequest) -> ChatReply:
             structured = parsed if isinstance(parsed, dict) else None
         except json.JSONDecodeError:
             structured = None  # left to the verdict parser's repair path
-    return ChatReply(text=text, structured=structured, usage=_usage(completion.usage), model=completion.model,
-                     stop_reason=choice.finish_reason if choice else None)
+    return ChatReply(text=text, structured=structured, usage=usage or Usage(), usage_known=usage is not None,
+                     model=getattr(completion, "model", None) or request.model,
+                     stop_reason=getattr(choice, "finish_reason", None))
 
 
 def _usage(usage) -> Usage:
-    if usage is None:
-        return Usage()
+    """Billed tokens: `completion_tokens` whole (it includes a reasoning model's reasoning tokens), cached prompt
+    tokens at the cache-read price."""
     details = getattr(usage, "prompt_tokens_details", None)
     cached = (getattr(details, "cached_tokens", 0) or 0) if details else 0
     return Usage(

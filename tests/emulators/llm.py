@@ -28,7 +28,7 @@ from typing import Any
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.emulators.media import MediaBilled
@@ -37,6 +37,9 @@ from tests.emulators.openai_media import OpenAIMediaRoutes
 API_KEY = "sk-ant-test-emulator-key"
 OPENAI_KEY = "sk-openai-test-emulator-key"
 FAULT_KINDS = ("429", "500", "529", "malformed")
+# Faults of a reply the provider made and billed: a garbled body, one without `content` (or `choices`), one without
+# `usage`, one that trickles in a byte at a time. Any other fault is refused before any work, and bills nothing.
+BILLED_FAULTS = frozenset({"malformed", "no_content", "no_usage", "trickle"})
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Billed:
     output_tokens: int
     cache_read_tokens: int = 0
     prompt: str = ""
+    usage_known: bool = True  # False: the client could not read what this reply billed (garbled, no usage, cut)
 
 
 @dataclass
@@ -65,6 +69,8 @@ class Script:
     cached_tokens: int = 0  # reported as cache reads on OpenAI / Anthropic
     on_request: Any = None  # called with each request's index before it is answered
     retry_after: str = "0"  # the `retry-after` header sent with a 429
+    omit_usage: bool = False  # OpenAI replies carry no `usage`, as some OpenAI-compatible servers do
+    trickle_s: float = 1.0  # the pause between the bytes of a "trickle" reply
     transcript: str = "An emulated transcript."  # what /v1/audio/transcriptions hears
 
 
@@ -85,6 +91,7 @@ class Emulator(OpenAIMediaRoutes):
             self.billed: list[Billed] = []
             self.media_billed: list[MediaBilled] = []
             self.faults_sent: list[str] = []
+            self.trickles_finished = 0
             self._counters = {"executor": itertools.count(), "evaluator": itertools.count()}
             self._fault_iter = iter(self.script.faults)
             self._rng = random.Random(self.script.fault_seed)
@@ -108,6 +115,20 @@ class Emulator(OpenAIMediaRoutes):
 
     async def _prelude(self, request: Request, api: str,
                        body: dict[str, Any] | None = None) -> tuple[dict[str, Any], Response | None]:
+        body, fault = await self._arrive(request, api, body)
+        return body, (await self._fault(fault, api) if fault else None)
+
+    async def _chat_prelude(self, request: Request, api: str) -> tuple[dict[str, Any], Response | None, str | None]:
+        """As `_prelude`, but a fault of a billed reply is left to `_deliver`, after the reply is made and billed."""
+        body, fault = await self._arrive(request, api)
+        if api == "openai" and self.script.omit_usage and not fault:
+            fault = "no_usage"
+        if fault in BILLED_FAULTS:
+            return body, None, fault
+        return body, (await self._fault(fault, api) if fault else None), None
+
+    async def _arrive(self, request: Request, api: str,
+                      body: dict[str, Any] | None = None) -> tuple[dict[str, Any], str | None]:
         body = await request.json() if body is None else body  # a multipart upload comes already read
         self.requests.append({"api": api, "path": request.url.path, "body": body, "headers": dict(request.headers),
                               "at": time.monotonic()})
@@ -118,8 +139,27 @@ class Emulator(OpenAIMediaRoutes):
         fault = self._next_fault()
         if fault:
             self.faults_sent.append(fault)
-            return body, await self._fault(fault, api)
-        return body, None
+        return body, fault
+
+    def _deliver(self, payload: dict[str, Any], fault: str | None, billed: Billed) -> Response:
+        """The reply, as the fault says it arrives; what the client cannot read of its usage is marked."""
+        billed.usage_known = fault in (None, "no_content")
+        if fault is None:
+            return JSONResponse(payload)
+        if fault == "malformed":
+            return Response(json.dumps(payload)[:40], media_type="application/json")
+        if fault in ("no_content", "no_usage"):
+            dropped = {"no_content": ("content", "choices"), "no_usage": ("usage",)}[fault]
+            return JSONResponse({k: v for k, v in payload.items() if k not in dropped})
+        body = json.dumps(payload).encode()
+
+        async def trickle():
+            for index in range(len(body)):
+                yield body[index:index + 1]
+                await asyncio.sleep(self.script.trickle_s)
+            self.trickles_finished += 1
+
+        return StreamingResponse(trickle(), media_type="application/json")
 
     async def _fault(self, kind: str, api: str) -> Response:
         if kind == "hang":
@@ -142,20 +182,20 @@ class Emulator(OpenAIMediaRoutes):
         if API_KEY not in (request.headers.get("x-api-key"), request.headers.get("authorization", "")[7:]):
             return JSONResponse({"type": "error", "error": {"type": "authentication_error",
                                                             "message": "invalid x-api-key"}}, status_code=401)
-        body, fault = await self._prelude(request, "anthropic")
+        body, fault, billed_fault = await self._chat_prelude(request, "anthropic")
         if fault is not None:
             return fault
         role = "evaluator" if body.get("tools") else "executor"
         n, item = self._next(role)
         content, out_text = self._anthropic_content(role, n, item)
         usage = self._bill("anthropic", role, body["model"], _prompt_text(body), out_text)
-        return JSONResponse({
+        return self._deliver({
             "id": f"msg_{uuid.uuid4().hex[:20]}", "type": "message", "role": "assistant", "model": body["model"],
             "content": content, "stop_reason": "tool_use" if any(c["type"] == "tool_use" for c in content)
             else "end_turn", "stop_sequence": None,
             "usage": {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
                       "cache_creation_input_tokens": 0, "cache_read_input_tokens": usage.cache_read_tokens},
-        })
+        }, billed_fault, usage)
 
     def _anthropic_content(self, role: str, n: int, item: Any) -> tuple[list[dict], str]:
         if role == "executor":
@@ -176,7 +216,7 @@ class Emulator(OpenAIMediaRoutes):
     async def openai_chat(self, request: Request) -> Response:
         if (denied := self._openai_denied(request)) is not None:
             return denied
-        body, fault = await self._prelude(request, "openai")
+        body, fault, billed_fault = await self._chat_prelude(request, "openai")
         if fault is not None:
             return fault
         role = "evaluator" if body.get("response_format") else "executor"
@@ -184,7 +224,7 @@ class Emulator(OpenAIMediaRoutes):
         text = item.format(n=n + 1) if role == "executor" else (json.dumps(item) if isinstance(item, dict) else item)
         usage = self._bill("openai", role, body["model"], _prompt_text(body), text)
         prompt_tokens = usage.input_tokens + usage.cache_read_tokens
-        return JSONResponse({
+        return self._deliver({
             "id": f"chatcmpl-{uuid.uuid4().hex[:20]}", "object": "chat.completion", "created": 1764000000,
             "model": body["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
@@ -192,7 +232,7 @@ class Emulator(OpenAIMediaRoutes):
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": usage.output_tokens,
                       "total_tokens": prompt_tokens + usage.output_tokens,
                       "prompt_tokens_details": {"cached_tokens": usage.cache_read_tokens}},
-        })
+        }, billed_fault, usage)
 
     def _bill(self, api: str, role: str, model: str, prompt: str, output: str) -> Billed:
         total_in = len(prompt) // 4 + 10

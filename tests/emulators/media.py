@@ -110,6 +110,8 @@ class MediaScript:
     data_uri: bool = False  # fal answers with the image inline, as with `sync_mode`
     character_cost: int | None = None  # ElevenLabs' `character-cost`; None: the text's length
     send_character_cost: bool = True
+    bad_character_costs: int = 0  # the first N ElevenLabs replies say `character-cost: n/a` (billed all the same)
+    corrupt_renders: int = 0  # the first N media made are billed but do not decode (a truncated PNG or MP4)
 
 
 @dataclass
@@ -147,6 +149,8 @@ class MediaEmulator:
             self.cancelled: list[str] = []
             self.files: dict[str, tuple[bytes, str]] = {}
             self._fault_iter = iter(self.script.faults)
+            self._renders_left_to_corrupt = self.script.corrupt_renders
+            self._bad_costs_left = self.script.bad_character_costs
         return self.script
 
     def environ(self) -> dict[str, str]:
@@ -204,12 +208,12 @@ class MediaEmulator:
         if "video" in endpoint:
             width, height = VIDEO_SIZES.get(body.get("aspect_ratio", "16:9"), VIDEO_SIZES["16:9"])
             seconds = int(body.get("duration", "5"))
-            url = self._store(request, mp4_bytes(width, height, seconds), "video/mp4", "mp4")
+            url = self._store(request, self._maybe_corrupt(mp4_bytes(width, height, seconds)), "video/mp4", "mp4")
             self._bill("fal", f"fal:{endpoint}", media_seconds=Decimal(seconds))
             return {"video": {"url": url, "content_type": "video/mp4", "file_name": url.rsplit("/", 1)[1]}}
         size = body.get("image_size")
         width, height = (size["width"], size["height"]) if isinstance(size, dict) else (1024, 768)
-        data = png_bytes(width, height)
+        data = self._maybe_corrupt(png_bytes(width, height))
         url = (f"data:image/png;base64,{base64.b64encode(data).decode()}" if self.script.data_uri
                else self._store(request, data, "image/png", "png"))
         self._bill("fal", f"fal:{endpoint}", images=1, megapixels=math.ceil(width * height / MEGAPIXEL))
@@ -289,6 +293,13 @@ class MediaEmulator:
         self.files[name] = (data, media_type)
         return f"{self._host(request)}/files/{name}"
 
+    def _maybe_corrupt(self, data: bytes) -> bytes:
+        with self._lock:
+            if self._renders_left_to_corrupt <= 0:
+                return data
+            self._renders_left_to_corrupt -= 1
+        return data[:len(data) // 3]
+
     def _bill(self, api: str, model: str, **usage: Any) -> None:
         with self._lock:
             self.billed.append(MediaBilled(api, model, usage))
@@ -306,6 +317,10 @@ class MediaEmulator:
         headers = {"request-id": uuid.uuid4().hex}
         if self.script.send_character_cost:
             headers["character-cost"] = str(cost)
+            with self._lock:
+                if self._bad_costs_left > 0:
+                    self._bad_costs_left -= 1
+                    headers["character-cost"] = "n/a"
         return Response(mp3_bytes(speech_seconds(text)), media_type="audio/mpeg", headers=headers)
 
 
