@@ -83,11 +83,13 @@ def _reply(completion, request: ChatRequest) -> ChatReply:
 
 def _usage(usage) -> Usage:
     """Billed tokens: `completion_tokens` whole (it includes a reasoning model's reasoning tokens), cached prompt
-    tokens at the cache-read price."""
+    tokens at the cache-read price, prompt tokens written to the cache at the cache-write price."""
     details = getattr(usage, "prompt_tokens_details", None)
     cached = (getattr(details, "cached_tokens", 0) or 0) if details else 0
+    written = (getattr(details, "cache_write_tokens", 0) or 0) if details else 0  # GPT-5.6 on: 1.25x input
     return Usage(
-        input_tokens=(usage.prompt_tokens or 0) - cached,
+        input_tokens=(usage.prompt_tokens or 0) - cached - written,
         output_tokens=usage.completion_tokens or 0,
         cache_read_tokens=cached,
+        cache_write_5m_tokens=written,
     )
