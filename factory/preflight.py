@@ -11,9 +11,9 @@ import re
 from datetime import date, datetime
 
 from factory.errors import ConfigurationError, StorageError
-from factory.media import MEDIA_FUNCTIONS, MediaKind, media_api_model, media_provider_name
+from factory.media import MEDIA_FUNCTIONS, MediaKind, media_api_model, media_provider_name, not_chat
 from factory.models import JobInput, StrictModel
-from factory.pricing import Price, price_for
+from factory.pricing import Price, price_for, retirement
 from factory.providers import ImagePart, api_model, provider_name
 from factory.settings import FactorySettings
 from factory.storage import Location, Storage
@@ -74,15 +74,22 @@ def retirement_date(model: str) -> date | None:
 
 
 def plan_model(name: str, field: str, settings: FactorySettings, today: date, warnings: list[str]) -> ModelPlan:
+    """A chat model (the evaluator, or the executor of a text job): routed, checked for retirement, priced."""
+    if (what := not_chat(name)) is not None:
+        raise ConfigurationError(field, f"'{name}' is {what}, not a chat model: this role reads and writes text. "
+                                        f"Use a chat model such as '{settings.default_evaluator_model}'.")
     provider = provider_name(name, field)
     retires = retirement_date(api_model(name)) if provider == "anthropic" else None
     if retires is not None and retires <= today:
         raise ConfigurationError(
             field, f"model '{name}' was retired on {retires.isoformat()}; use a current model such as "
             f"'{settings.default_executor_model}'.")
+    price = price_for(name, settings, field, today)  # refuses a model past the retirement prices.json records
+    if retires is None and (recorded := retirement(name)) is not None:
+        retires = recorded.date
     if retires is not None and (retires - today).days <= RETIREMENT_WARNING_DAYS:
         warnings.append(f"`{field}`: model '{name}' retires on {retires.isoformat()}; move to a current model.")
-    return ModelPlan(name=name, provider=provider, api_name=api_model(name), price=price_for(name, settings, field))
+    return ModelPlan(name=name, provider=provider, api_name=api_model(name), price=price)
 
 
 async def plan_job(job: JobInput, settings: FactorySettings, storage: Storage, today: date) -> JobPlan:
@@ -111,7 +118,7 @@ async def plan_job(job: JobInput, settings: FactorySettings, storage: Storage, t
     return JobPlan(
         job=job, executor=executor, evaluator=evaluator, media_kind=kind, transcriber=transcriber,
         artifact_dir=artifact_dir, final_path=final_path,
-        log_path=log_path, result_path=job_dir.child("result.json"), inputs=await _read_inputs(job, storage),
+        log_path=log_path, result_path=result_path_for(log_path), inputs=await _read_inputs(job, storage),
         warnings=warnings,
     )
 
@@ -129,6 +136,12 @@ def plan_media_model(job: JobInput, kind: MediaKind, settings: FactorySettings) 
 
 def log_path_for(job_id: str, log_ref: str | None, storage: Storage) -> Location:
     return storage.resolve(log_ref, "log_ref") if log_ref else storage.resolve(job_id, "job_id").child("log.json")
+
+
+def result_path_for(log_path: Location) -> Location:
+    """The JobResult goes beside the log, in the same store: `result.json` beside `log.json`, else
+    `<log stem>.result.json`, so jobs that share a log folder keep their own results."""
+    return log_path.sibling("result.json" if log_path.name == "log.json" else f"{log_path.stem}.result.json")
 
 
 def _output_paths(job: JobInput, storage: Storage, job_dir: Location) -> tuple[Location, Location | None]:

@@ -80,6 +80,15 @@ PREFLIGHT = [
     ({"function": "AUDIO_GENERATION", "executor_model": "elevenlabs:eleven_v9"}, "executor_model",
      "no price is known"),
     ({"input_refs": ["missing/notes.txt"]}, "input_refs[0]", "cannot be read"),
+    # Roles: a media model cannot judge or write text, a chat model makes no media.
+    ({"evaluator_model": "gpt-image-1"}, "evaluator_model", "is an image generation model, not a chat model"),
+    ({"evaluator_model": "tts-1-hd"}, "evaluator_model", "is a speech model"),
+    ({"evaluator_model": "whisper-1"}, "evaluator_model", "is a transcription model"),
+    ({"evaluator_model": "gpt-4o-mini-transcribe"}, "evaluator_model", "is a transcription model"),
+    ({"evaluator_model": "fal:fal-ai/flux/schnell"}, "evaluator_model", "is a media generation model"),
+    ({"function": "IMAGE_GENERATION", "evaluator_model": "dall-e-3"}, "evaluator_model", "image generation model"),
+    ({"executor_model": "gpt-image-1"}, "executor_model", "is an image generation model"),
+    ({"function": "AUDIO_GENERATION", "executor_model": "gpt-5.4"}, "executor_model", "makes no audio"),
 ]
 
 

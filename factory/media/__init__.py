@@ -15,7 +15,7 @@ from factory.errors import ConfigurationError
 from factory.media.base import MEDIA_FUNCTIONS, MediaGenerator, MediaKind, MediaRequest, MediaResult
 
 __all__ = ["MEDIA_FUNCTIONS", "GPU_PROVIDERS", "MediaGenerator", "MediaKind", "MediaRequest", "MediaResult",
-           "media_provider_name", "media_api_model", "make_media_generator"]
+           "media_provider_name", "media_api_model", "make_media_generator", "not_chat"]
 
 # Providers whose generation runs on the GPU pool rather than in the job's own process.
 GPU_PROVIDERS = frozenset({"diffusers"})
@@ -26,6 +26,21 @@ EXAMPLES = {
     MediaKind.AUDIO: "'tts-1', 'elevenlabs:eleven_multilingual_v2' or 'diffusers:/models/<pipeline>'",
     MediaKind.VIDEO: "'fal:fal-ai/kling-video/v4/text-to-video' or 'diffusers:/models/<pipeline>'",
 }
+
+
+# Models that make or hear media and cannot stand in a chat role (executor of text, evaluator), by what they are.
+_NOT_CHAT = (
+    (_OPENAI[MediaKind.IMAGE], "an image generation model"),
+    (_OPENAI[MediaKind.AUDIO], "a speech model"),
+    (re.compile(r"^(whisper-|gpt-.*-transcribe)"), "a transcription model"),
+    (re.compile(r"^(gpt-realtime|gpt-.*-realtime)"), "a realtime (voice) model"),
+    (re.compile(r"^(fal|elevenlabs|diffusers):"), "a media generation model"),
+)
+
+
+def not_chat(model: str) -> str | None:
+    """What `model` is when it is a media model rather than a chat model (e.g. 'an image generation model')."""
+    return next((what for pattern, what in _NOT_CHAT if pattern.match(model)), None)
 
 
 def media_provider_name(model: str, kind: MediaKind, field: str = "executor_model") -> str:
