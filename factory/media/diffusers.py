@@ -260,8 +260,10 @@ class DiffusersGenerator(MediaGenerator):
             # (a retry then finds the model loaded; a later call waits for the pipeline up to its own deadline).
             return await asyncio.wait_for(asyncio.to_thread(_generate_blocking, request, deadline), timeout_s)
         except TimeoutError as exc:
+            # The GPU kept working all the while (and may still be): charged the call's worst case.
             raise TransientProviderError(request.model, f"no result within {timeout_s:g}s; raise "
-                                                        f"FACTORY_GPU_TIMEOUT_S or ask for less") from exc
+                                                        f"FACTORY_GPU_TIMEOUT_S or ask for less",
+                                         billed_unknown=True) from exc
 
     def usage_bound(self, request: MediaRequest) -> Usage:
         return Usage(gpu_seconds=Decimal(get_settings().gpu_timeout_s))
