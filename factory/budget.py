@@ -45,5 +45,9 @@ class Budget:
         self.records.append(record)
         self.spent += record.cost_usd
 
-    def spent_on(self, iteration: int) -> Decimal:
-        return sum((r.cost_usd for r in self.records if r.iteration == iteration), Decimal(0))
+    def records_of(self, iteration: int) -> list[CallRecord]:
+        return [r for r in self.records if r.iteration == iteration]
+
+    def spent_on(self, iteration: int, role_prefix: str = "") -> Decimal:
+        """What iteration `iteration` cost, or its calls whose role starts with `role_prefix` (e.g. "evaluator")."""
+        return sum((r.cost_usd for r in self.records_of(iteration) if r.role.startswith(role_prefix)), Decimal(0))

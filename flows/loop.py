@@ -130,7 +130,7 @@ class JobRun:
         done = self._record(n, made, verdict, started)
         self.report.iteration(n, made.shown, made.location.ref, made.extension, verdict, done.cost,
                               self.budget.spent, done.duration_ms)
-        calls = [r for r in self.budget.records if r.iteration == n]
+        calls = self.budget.records_of(n)
         await self.log.emit(Event.ITERATION_END, iteration=n, converged=verdict.converged,
                             confidence=verdict.confidence, cost_usd=float(done.cost),
                             spent_usd=float(self.budget.spent), duration_ms=done.duration_ms,
@@ -165,9 +165,9 @@ class JobRun:
         return Made(text, text.encode(), extension, location, output)
 
     def _record(self, n: int, made: Made, verdict: Verdict, started: float) -> Iteration:
-        calls = [r for r in self.budget.records if r.iteration == n]
         done = Iteration(n, made.shown, made.data, made.location.ref, verdict, self.budget.spent_on(n),
-                         int((time.perf_counter() - started) * 1000), all(r.usage_known for r in calls))
+                         int((time.perf_counter() - started) * 1000),
+                         all(r.usage_known for r in self.budget.records_of(n)))
         self.iterations.append(done)
         return done
 
@@ -183,8 +183,7 @@ class JobRun:
             verdict = parse_verdict(first.reply.structured, first.reply.text)
         except UnreadableVerdict as exc:
             verdict = await self._repair(n, request, first, str(exc))
-        cost = sum((r.cost_usd for r in self.budget.records if r.iteration == n and r.role.startswith("evaluator")),
-                   Decimal(0))
+        cost = self.budget.spent_on(n, "evaluator")
         verdict = verdict.model_copy(update={"evaluator_model": first.reply.model, "cost_usd": float(cost)})
         await self.log.emit(Event.EVALUATOR_RESPONSE, iteration=n, **verdict.model_dump())
         return verdict

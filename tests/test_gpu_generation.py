@@ -32,6 +32,7 @@ from tests.tiny_pipeline import build_tiny_text_to_image_pipeline
 pytestmark = pytest.mark.cli
 GPU_PRICE_PER_S = Decimal("0.00031")
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+MISSING_MODEL = "no-such-model"  # under FACTORY_MODELS_DIR, where nothing is
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,8 @@ def gpu_stack(llm_server, s3_server, tmp_path_factory):
     os.environ.update(gpu_env)
     job_env = {"RUNPOD_API_KEY": RUNPOD_KEY, "FACTORY_MEDIA_WIDTH": "64", "FACTORY_MEDIA_HEIGHT": "64",
                "FACTORY_GPU_TIMEOUT_S": "240", "FACTORY_RETRIES": "2", "FACTORY_RETRY_DELAY_S": "0.1",
-               "FACTORY_PRICES": json.dumps({f"diffusers:{model}": {"per_gpu_second": str(GPU_PRICE_PER_S)}})}
+               "FACTORY_PRICES": json.dumps({f"diffusers:{name}": {"per_gpu_second": str(GPU_PRICE_PER_S)}
+                                             for name in (model, MISSING_MODEL)})}
     work = tmp_path_factory.mktemp("gpu-stack")
 
     def gpu_pool(env: dict[str, str], _: Path) -> None:
@@ -82,9 +84,10 @@ def gpu_stack(llm_server, s3_server, tmp_path_factory):
                 os.environ[name] = value
 
 
-def start_job(stack, job_id: str) -> str:
+def start_job(stack, job_id: str, model: str | None = None) -> str:
     params = {"seed": "A red circle on a white background.", "objective": "A single red circle, centred.",
-              "function": "IMAGE_GENERATION", "job_id": job_id, "executor_model": f"diffusers:{stack['model']}"}
+              "function": "IMAGE_GENERATION", "job_id": job_id,
+              "executor_model": f"diffusers:{model or stack['model']}"}
     run = run_cli(["deployment", "run", "factory/job", "--params", json.dumps(params)], stack["env"])
     assert run.returncode == 0, run.stdout + run.stderr
     return re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
@@ -147,6 +150,25 @@ def test_a_failed_runpod_job_crashes_the_child_and_the_parent_retries(gpu_stack,
     assert second["state"]["type"] == "COMPLETED"
     result = json.loads((gpu_stack["storage"] / f"gpu-retry-{outcome.lower()}" / "result.json").read_text())
     assert result["status"] == "CONVERGED"
+    # RunPod bills the failed job too: it is counted, then the retry, and the total is their sum with the verdict.
+    events = json.loads((gpu_stack["storage"] / f"gpu-retry-{outcome.lower()}" / "log.json").read_text())["events"]
+    calls = [c for e in events if e["event"] == "ITERATION_END" for c in e["data"]["calls"]]
+    failed, made = [c for c in calls if c["role"] == "executor"]
+    assert outcome in failed["failed"] and Decimal(str(failed["cost_usd"])) >= GPU_PRICE_PER_S
+    assert made["failed"] is None
+    total = sum(Decimal(str(c["cost_usd"])) for c in calls)
+    assert abs(Decimal(str(result["total_cost_usd"])) - total) < Decimal("1e-12")
+
+
+def test_a_missing_gpu_model_fails_the_job_at_once_with_its_reason(gpu_stack, llm_server):
+    llm_server.reset()
+    parent = start_job(gpu_stack, "gpu-missing-model", model=MISSING_MODEL)
+    assert wait_job(gpu_stack, parent) == "FAILED", logs(gpu_stack)
+    [child] = children(gpu_stack, parent)  # not retried: a new run cannot find the model either
+    assert child["state"]["type"] == "FAILED"
+    result = json.loads((gpu_stack["storage"] / "gpu-missing-model" / "result.json").read_text())
+    assert result["status"] == "FAILED" and "no diffusers pipeline" in result["error"]
+    assert llm_server.requests == [], "nothing was judged"
 
 
 def test_cancelling_the_job_cancels_its_runpod_job(gpu_stack, llm_server):
