@@ -18,8 +18,8 @@ from prefect.logging import get_run_logger
 from blocks.credentials import require_api_key
 from factory.errors import StorageError
 from factory.eventlog import EventLog
-from factory.models import (Event, FunctionType, JobId, JobInput, JobResult, Limits, ModelName, Objective, Ref,
-                            Seed, utcnow)
+from factory.models import (Event, FunctionType, InputRefs, JobId, JobInput, JobResult, Limits, ModelName, Objective,
+                            Ref, Seed, utcnow)
 from factory.preflight import plan_job
 from factory.settings import get_settings
 from factory.storage import get_storage
@@ -34,7 +34,7 @@ async def factory(
     objective: Objective,
     function: FunctionType = FunctionType.TEXT_GENERATION,
     job_id: JobId = None,
-    input_refs: list[Ref] = [],  # noqa: B006 - Prefect copies parameters; the flow never mutates them
+    input_refs: InputRefs = [],  # noqa: B006 - Prefect copies parameters; the flow never mutates them
     output_ref: Ref | None = None,
     log_ref: Ref | None = None,
     limits: Limits = Limits(),  # noqa: B008 - immutable in practice: validated, never mutated
@@ -48,7 +48,8 @@ async def factory(
         objective: what "done" means, for the evaluator.
         function: the kind of artifact.
         job_id: names the job; a re-run with the same id reuses every finished call. Default: the flow run id.
-        input_refs: local files (under the storage root) given to the executor as reference material.
+        input_refs: at most 20 local files (under the storage root) or s3:// objects, given to the executor as
+            reference material (UTF-8 text, or PNG/JPEG/GIF/WebP images).
         output_ref: where iteration artifacts go (a folder), or a file that also receives the final artifact.
         log_ref: where the JSON event log goes. Default: `<root>/<job_id>/log.json`.
         limits: max_cycles, budget_usd, timeout_minutes, min_confidence.
