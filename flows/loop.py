@@ -230,13 +230,21 @@ class JobRun:
         if self.plan.final_path is not None and result.final_artifact_ref is not None:
             best = next(i for i in self.iterations if i.artifact_ref == result.final_artifact_ref)
             await store_artifact(self.plan.final_path, best.data)
-        await get_storage().write(self.plan.result_path, result.model_dump_json(indent=2).encode())
+        await self._write_result(result)
         await self.log.emit(Event.JOB_COMPLETED, status=result.status.value, stop_reason=stop.value,
                             total_cost_usd=result.total_cost_usd, total_iterations=result.total_iterations,
                             final_artifact_ref=result.final_artifact_ref, result_ref=self.plan.result_path.ref)
         self.report.budget(self.budget.spent, None, None)
         await self.report.summary(result)
         return result
+
+    async def _write_result(self, result: JobResult) -> None:
+        """The JobResult beside the log; where the log already went to the spool (S3 down), the result goes too."""
+        data = result.model_dump_json(indent=2).encode()
+        if self.log.spooled is not None:
+            await get_storage().write_spooled(self.plan.result_path, data)
+        else:
+            await get_storage().write(self.plan.result_path, data)
 
     def _result(self, stop: StopReason, started_at, error: str | None) -> JobResult:
         functional = [i.number for i in self.iterations if not i.verdict.weaknesses and not i.verdict.parse_error]

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK, temporary_settings
 
 from blocks.register import RESULTS_BLOCK, RESULTS_FOLDER, register
+from factory.errors import StorageError, StorageSpooled
+from factory.s3 import ATTEMPT_TIMEOUT_S, S3Store
 from factory.models import JobResult, StopReason
+from factory.storage import get_storage
 from tests.conftest import reset_settings
 from tests.emulators.llm import Script
 from tests.helpers import DONE, NOT_YET, run_job
@@ -172,3 +181,136 @@ async def test_image_input_ref_goes_to_the_model_as_an_image(s3_env):
     assert state.is_completed(), state.message
     part = llm.requests[0]["body"]["messages"][1]["content"][0]
     assert part["type"] == "image_url" and part["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+@pytest.mark.parametrize("field", ["output_ref", "log_ref"])
+@pytest.mark.parametrize("climb", ["leading-slash", "dot-dot"])
+async def test_a_traversing_s3_ref_writes_nothing_outside_the_root(s3_env, storage_root, field, climb):
+    """A missing bucket makes every write spool: the key must not steer the spool anywhere."""
+    llm, _ = s3_env
+    target = Path(tempfile.gettempdir()) / f"factory-escape-{uuid.uuid4().hex[:12]}"
+    if climb == "leading-slash":
+        key = str(target)  # s3://no-such-bucket//tmp/factory-escape-...
+    else:
+        key = "../" * len((storage_root / ".spool" / "no-such-bucket").parts) + str(target.relative_to("/"))
+    ref = f"s3://no-such-bucket/{key}" + ("/" if field == "output_ref" else "/log.json")
+    state = await run_job(**{field: ref})
+    assert state.is_failed()
+    assert f"`{field}`" in state.message
+    assert not target.exists(), f"a spooled write escaped to {target}"
+    assert llm.requests == [], "a refused ref must cost nothing"
+
+
+HANG_BOUND_S = 60  # far past a 2 s retry window, far short of boto3's 60 s-per-attempt defaults times its retries
+
+
+class SilentServer:
+    """Accepts connections on loopback and never answers: an S3 endpoint that hangs."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.1)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.connections: list[socket.socket] = []
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.connections.append(self._sock.accept()[0])
+            except TimeoutError:
+                continue
+
+    def start(self) -> "SilentServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=5)
+        for conn in [*self.connections, self._sock]:
+            conn.close()
+
+
+@pytest.fixture
+async def hanging_store(factory_env, storage_root, monkeypatch):
+    from prefect_aws import AwsCredentials
+    from prefect_aws.client_parameters import AwsClientParameters
+    from prefect_aws.s3 import S3Bucket
+
+    server = SilentServer().start()
+    name = f"hanging-{uuid.uuid4().hex[:8]}"
+    credentials = AwsCredentials(aws_access_key_id="hang", aws_secret_access_key="hang", region_name="us-east-1",
+                                 aws_client_parameters=AwsClientParameters(endpoint_url=server.url))
+    await S3Bucket(bucket_name=BUCKET, credentials=credentials).save(name, overwrite=True)
+    monkeypatch.setenv("FACTORY_S3_BLOCK", name)
+    monkeypatch.setenv("FACTORY_STORAGE_RETRY_WINDOW_S", "2")
+    reset_settings()
+    prefix = f"hang-{uuid.uuid4().hex[:8]}"
+    yield factory_env, server, prefix
+    server.stop()
+    shutil.rmtree(storage_root / ".spool" / BUCKET / prefix, ignore_errors=True)  # no later job should drain it
+    reset_settings()
+
+
+async def test_a_write_to_a_hanging_store_is_spooled_within_its_window(hanging_store):
+    _, server, prefix = hanging_store
+    storage = get_storage()
+    location = storage.resolve(f"s3://{BUCKET}/{prefix}/note.md", "output_ref")
+    with pytest.raises(StorageSpooled):
+        await asyncio.wait_for(storage.write(location, b"kept"), timeout=HANG_BOUND_S)
+    assert storage.spool_path(location).read_bytes() == b"kept"
+    assert server.connections, "the write should have reached the hanging endpoint"
+
+
+async def test_a_job_against_a_hanging_store_ends_and_says_where_its_bytes_are(hanging_store, storage_root):
+    llm, _, prefix = hanging_store
+    llm.reset(Script(verdicts=[DONE]))
+    state = await asyncio.wait_for(run_job(output_ref=f"s3://{BUCKET}/{prefix}/"), timeout=HANG_BOUND_S)
+    assert state.is_failed() and "kept at" in state.message
+    assert (storage_root / ".spool" / BUCKET / prefix / "iteration-01.md").read_bytes() == b"Draft 1: an artifact."
+
+
+async def test_boto_makes_one_attempt_with_timeouts_that_fit_the_window():
+    from prefect_aws import AwsCredentials
+
+    store = S3Store("no-such-block", retry_window_s=30)
+    store._credentials = AwsCredentials(region_name="us-east-1", aws_client_parameters={
+        "endpoint_url": "http://127.0.0.1:9", "config": {"retries": {"max_attempts": 9}, "signature_version": "s3v4"}})
+    for attempt_s in (int(ATTEMPT_TIMEOUT_S), 3, 1):
+        config = (await store.client(attempt_s)).meta.config
+        assert config.retries["total_max_attempts"] == 1, "retries are ours alone"
+        assert config.connect_timeout + config.read_timeout <= attempt_s
+        assert config.signature_version == "s3v4", "the block's own botocore config is kept"
+
+
+async def test_no_attempt_starts_that_could_end_past_the_window(monkeypatch):
+    from botocore.exceptions import EndpointConnectionError
+
+    store = S3Store("no-such-block", retry_window_s=3)
+    started = time.monotonic()
+    attempts: list[tuple[float, int]] = []
+
+    async def refused(attempt_s: int):
+        attempts.append((3 - (time.monotonic() - started), attempt_s))
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+
+    monkeypatch.setattr(store, "client", refused)
+    with pytest.raises(StorageError, match="stayed unreachable for 3s"):
+        await asyncio.wait_for(store.write(BUCKET, "k", b"x", "text/plain"), timeout=HANG_BOUND_S)
+    assert len(attempts) >= 3, "a store that refuses fast is retried through the window"
+    assert all(attempt_s <= left for left, attempt_s in attempts), attempts
+
+
+async def test_a_job_with_its_refs_in_s3_leaves_nothing_of_its_own_on_the_worker(s3_env, storage_root):
+    llm, s3 = s3_env
+    llm.reset(Script(verdicts=[NOT_YET, DONE]))
+    prefix = f"s3://{BUCKET}/jobs/s3-only"
+    result: JobResult = await (await run_job(job_id="s3-only", output_ref=f"{prefix}/",
+                                             log_ref=f"{prefix}/log.json")).result()
+    assert result.stop_reason is StopReason.CONFORMITY
+    stored = JobResult.model_validate_json(s3_object(s3, "jobs/s3-only/result.json")[0])
+    assert stored.total_cost_usd == result.total_cost_usd and stored.log_ref == f"{prefix}/log.json"
+    left = [p for p in storage_root.rglob("*") if "s3-only" in str(p.relative_to(storage_root))]
+    assert left == [], "the result, log and artifacts belong in S3, not on an ephemeral worker's disk"
