@@ -7,10 +7,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectAlreadyExists, PrefectHTTPStatusError
+from prefect.exceptions import PrefectHTTPStatusError
 from prefect.utilities.callables import parameter_schema
 from prefect.utilities.schema_tools import validate
 
@@ -19,6 +17,7 @@ from factory.models import MAX_INPUT_REFS
 from factory.storage import Location, Storage
 from flows.job import factory
 from tests.helpers import job_params, run_job
+from tests.test_params import deployment  # noqa: F401 - the fixture
 
 
 class DownStore:
@@ -215,18 +214,7 @@ def test_the_flow_schema_bounds_input_refs():
     assert validate(job_params(input_refs=["inputs/a.txt"] * MAX_INPUT_REFS), schema) == []
 
 
-@pytest.fixture(scope="module")
-async def deployment(prefect_server):
-    async with get_client() as client:
-        try:
-            await client.create_work_pool(WorkPoolCreate(name="factory-local", type="process"))
-        except ObjectAlreadyExists:
-            pass
-    await (await factory.to_deployment(name="job", work_pool_name="factory-local")).apply()
-    return "factory/job"
-
-
-async def test_the_deployment_refuses_too_many_input_refs_at_creation(deployment):
+async def test_the_deployment_refuses_too_many_input_refs_at_creation(deployment):  # noqa: F811
     refs = [f"inputs/{i}.txt" for i in range(MAX_INPUT_REFS + 1)]
     with pytest.raises(PrefectHTTPStatusError) as caught:
         await run_deployment(deployment, parameters=job_params(input_refs=refs), timeout=0)
