@@ -127,8 +127,8 @@ async def _keep(location: Location, data: bytes) -> str:
 async def run_on_gpu(request: MediaRequest, timeout_s: float) -> MediaResult:
     """Run the GPU flow for `request` as a child flow run on the GPU pool and wait for its result.
 
-    RunPod bills a job's whole execution, finished or not, rounded up to the second: the run's own start and
-    end times when it has them, else the time since it was submitted (an upper bound).
+    RunPod bills a job's whole execution, finished or not, rounded up to the second: a completed run's own start
+    and end times, else the time since it was submitted (an upper bound of what RunPod can have billed).
 
     Raises:
         ProviderRequestError: the run Failed: the flow itself raised (a missing model folder, a bad request) or
@@ -151,7 +151,8 @@ async def run_on_gpu(request: MediaRequest, timeout_s: float) -> MediaResult:
                                f"cancelled", billed=_gpu_usage(None, submitted)) from exc
         raise
     state = run.state
-    billed = _gpu_usage(run, submitted)
+    # A run that never got to record its own times (a RunPod job that failed) is bounded by the wall time.
+    billed = _gpu_usage(run if state.is_completed() else None, submitted)
     if state.is_failed():
         raise ProviderRequestError(request.model, f"GPU flow run {future.flow_run_id} failed: "
                                                   f"{state.message or 'no detail'}", billed=billed)
