@@ -1,7 +1,8 @@
 """Provider API keys: a Prefect Secret block wins, the SDK's own environment variable is the fallback.
 
 Block names: `anthropic-api-key`, `openai-api-key` (create them with `python -m blocks.register`).
-Keys stay `SecretStr` until the SDK client is built; they are never logged or returned.
+Keys stay `SecretStr` until the SDK client is built; they are never logged or returned. The key that signs
+job callbacks follows the same rule: the Secret block `factory-callback-secret`, else `FACTORY_CALLBACK_SECRET`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ SECRET_BLOCKS = {"anthropic": "anthropic-api-key", "openai": "openai-api-key", "
                  "fal": "fal-api-key", "elevenlabs": "elevenlabs-api-key"}
 ENV_KEYS = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY", "openai-compatible": "OPENAI_API_KEY",
             "fal": "FAL_KEY", "elevenlabs": "ELEVENLABS_API_KEY"}
+CALLBACK_SECRET_BLOCK = "factory-callback-secret"
+CALLBACK_SECRET_ENV = "FACTORY_CALLBACK_SECRET"
 
 _cache: dict[str, SecretStr | None] = {}
 
@@ -32,6 +35,16 @@ async def api_key_for(provider: str) -> SecretStr | None:
     if provider not in _cache:
         _cache[provider] = await _from_block(SECRET_BLOCKS[provider]) or _from_env(ENV_KEYS[provider])
     return _cache[provider]
+
+
+async def callback_secret() -> SecretStr | None:
+    """The key that signs job callbacks (`X-Factory-Signature`), or None: callbacks then go unsigned.
+
+    Looked up once per process, like the provider keys.
+    """
+    if "callback" not in _cache:
+        _cache["callback"] = await _from_block(CALLBACK_SECRET_BLOCK) or _from_env(CALLBACK_SECRET_ENV)
+    return _cache["callback"]
 
 
 async def _from_block(name: str) -> SecretStr | None:

@@ -6,6 +6,7 @@ Saved (overwriting older ones), values never printed:
 - each provider key present (`ANTHROPIC_API_KEY`, `OPENAI_API_KEY`, `FAL_KEY`, `ELEVENLABS_API_KEY`,
   `RUNPOD_API_KEY`) as a Secret block (`anthropic-api-key`, `openai-api-key`, `fal-api-key`,
   `elevenlabs-api-key`, `runpod-api-key`);
+- `FACTORY_CALLBACK_SECRET`, the key that signs job callbacks, as the Secret block `factory-callback-secret`;
 - with `FACTORY_S3_BUCKET` set: an `AwsCredentials` block `factory-aws` from `AWS_ACCESS_KEY_ID`,
   `AWS_SECRET_ACCESS_KEY`, `AWS_REGION` and `AWS_ENDPOINT_URL_S3` (any S3-compatible store), an
   `S3Bucket` block `factory-s3` for `s3://` refs, and an `S3Bucket` block `factory-results`
@@ -22,7 +23,7 @@ from prefect.blocks.system import Secret
 from prefect_aws import AwsClientParameters, AwsCredentials
 from prefect_aws.s3 import S3Bucket
 
-from blocks.credentials import ENV_KEYS, SECRET_BLOCKS
+from blocks.credentials import CALLBACK_SECRET_BLOCK, CALLBACK_SECRET_ENV, ENV_KEYS, SECRET_BLOCKS
 from factory.settings import get_settings
 
 AWS_BLOCK = "factory-aws"
@@ -42,6 +43,9 @@ async def register() -> list[str]:
     if runpod_key := os.environ.get("RUNPOD_API_KEY"):
         await Secret(value=runpod_key).save(RUNPOD_BLOCK, overwrite=True)
         saved.append(RUNPOD_BLOCK)
+    if callback_key := os.environ.get(CALLBACK_SECRET_ENV):
+        await Secret(value=callback_key).save(CALLBACK_SECRET_BLOCK, overwrite=True)
+        saved.append(CALLBACK_SECRET_BLOCK)
     bucket = os.environ.get("FACTORY_S3_BUCKET")
     if bucket:
         credentials = AwsCredentials(

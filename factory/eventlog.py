@@ -14,6 +14,9 @@ from factory.errors import ObjectNotFound, StorageSpooled
 from factory.models import Event, utcnow
 from factory.storage import Location, Storage
 
+# What a job's state hooks may add after its JOB_COMPLETED: they report the end, they do not reopen the job.
+AFTER_COMPLETION = frozenset({Event.CALLBACK_SENT.value, Event.CALLBACK_FAILED.value})
+
 
 class EventLog:
     def __init__(self, storage: Storage, location: Location, job_id: str) -> None:
@@ -37,7 +40,8 @@ class EventLog:
 
     @property
     def completed(self) -> bool:
-        return bool(self.events) and self.events[-1]["event"] == Event.JOB_COMPLETED.value
+        last = next((e["event"] for e in reversed(self.events) if e["event"] not in AFTER_COMPLETION), None)
+        return last == Event.JOB_COMPLETED.value
 
     async def emit(self, event: Event, **data: Any) -> None:
         self.events.append({"timestamp": utcnow().isoformat(), "event": event.value, "data": data})

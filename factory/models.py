@@ -18,6 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_SEED_CHARS = 50_000
 MAX_OBJECTIVE_CHARS = 5_000
 MAX_INPUT_REFS = 20
+MAX_CALLBACK_URL_CHARS = 2048
+# http(s) only, and no userinfo: the authority (up to the first `/`, `?` or `#`) holds no `@`. Where the URL may
+# lead is decided later, against its resolved addresses (factory/callback.py); this is what the schema can say.
+CALLBACK_URL_PATTERN = r"^https?://[^\s/?#@\\]+(?:[/?#]\S*)?$"
 
 
 class StrictModel(BaseModel):
@@ -74,6 +78,8 @@ class Event(StrEnum):
     JOB_BUDGET_EXHAUSTED = "JOB_BUDGET_EXHAUSTED"
     JOB_ERROR = "JOB_ERROR"
     JOB_COMPLETED = "JOB_COMPLETED"
+    CALLBACK_SENT = "CALLBACK_SENT"
+    CALLBACK_FAILED = "CALLBACK_FAILED"
 
 
 # Parameter types shared by JobInput and the flow signature.
@@ -100,6 +106,14 @@ ModelName = Annotated[
     Field(min_length=1, max_length=200, description="Default: FACTORY_DEFAULT_*_MODEL."),
 ]
 
+CallbackUrl = Annotated[
+    str | None,
+    Field(max_length=MAX_CALLBACK_URL_CHARS, pattern=CALLBACK_URL_PATTERN,
+          description="An http:// or https:// URL (no user:password@) that receives the JobResult as a signed JSON "
+                      "POST when the job ends. Loopback, private and link-local hosts are refused unless the worker "
+                      "allows them (FACTORY_CALLBACK_ALLOWED_HOSTS)."),
+]
+
 
 class Limits(StrictModel):
     """When to stop if the evaluator is never satisfied."""
@@ -123,6 +137,7 @@ class JobInput(StrictModel):
     limits: Limits = Field(default_factory=Limits)
     executor_model: ModelName = None
     evaluator_model: ModelName = None
+    callback_url: CallbackUrl = None
 
 
 class Usage(StrictModel):

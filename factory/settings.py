@@ -67,8 +67,18 @@ class FactorySettings(BaseSettings):
     evaluator_max_tokens: int = Field(default=4096, ge=256, le=20000)
     request_timeout_s: float = Field(default=600.0, gt=0, description="Upper bound on one provider call.")
     retries: int = Field(default=4, ge=0, le=10, description="Task retries on transient provider faults.")
-    retry_delay_s: float = Field(default=2.0, ge=0, description="First retry delay; doubles each retry.")
+    retry_delay_s: float = Field(
+        default=2.0, ge=0, description="First retry delay of provider calls and callbacks; doubles each retry.")
     retry_after_cap_s: float = Field(default=60.0, ge=0, description="Longest `retry-after` honoured.")
+    callback_allowed_hosts: str = Field(
+        default="", description="Comma-separated host names, IPs or CIDR networks a `callback_url` may reach although "
+        "they are loopback, private, link-local or otherwise not public (e.g. `hooks.internal,10.2.0.0/16`).")
+    callback_retry_window_s: float = Field(
+        default=60.0, gt=0, le=3600, description="How long a callback is retried (connection errors, timeouts, "
+        "429, 5xx) before it is given up; the job's own end never waits longer.")
+    callback_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="Longest one callback attempt may take, cut to what is left of "
+        "the retry window.")
 
 
 @lru_cache(maxsize=1)

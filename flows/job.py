@@ -16,19 +16,20 @@ from prefect import flow, runtime
 from prefect.logging import get_run_logger
 
 from blocks.credentials import require_api_key
+from factory.callback import check_callback_url
 from factory.errors import StorageError
 from factory.eventlog import EventLog
-from factory.models import (Event, FunctionType, InputRefs, JobId, JobInput, JobResult, Limits, ModelName, Objective,
-                            Ref, Seed, utcnow)
+from factory.models import (CallbackUrl, Event, FunctionType, InputRefs, JobId, JobInput, JobResult, Limits,
+                            ModelName, Objective, Ref, Seed, utcnow)
 from factory.preflight import plan_job
 from factory.settings import get_settings
 from factory.storage import get_storage
-from flows.hooks import record_cancellation, record_crash, record_failure
+from flows.hooks import record_cancellation, record_completion, record_crash, record_failure
 from flows.loop import JobRun
 
 
-@flow(name="factory", persist_result=True, on_cancellation=[record_cancellation], on_crashed=[record_crash],
-      on_failure=[record_failure])
+@flow(name="factory", persist_result=True, on_completion=[record_completion], on_cancellation=[record_cancellation],
+      on_crashed=[record_crash], on_failure=[record_failure])
 async def factory(
     seed: Seed,
     objective: Objective,
@@ -40,6 +41,7 @@ async def factory(
     limits: Limits = Limits(),  # noqa: B008 - immutable in practice: validated, never mutated
     executor_model: ModelName = None,
     evaluator_model: ModelName = None,
+    callback_url: CallbackUrl = None,
 ) -> JobResult:
     """Iterate executor -> evaluator until the artifact meets the objective or a limit is hit.
 
@@ -54,6 +56,8 @@ async def factory(
         log_ref: where the JSON event log goes. Default: `<root>/<job_id>/log.json`.
         limits: max_cycles, budget_usd, timeout_minutes, min_confidence.
         executor_model, evaluator_model: model names; `dry-run` needs no key.
+        callback_url: receives the JobResult as a signed JSON POST when the job ends, however it ends (see
+            flows/callback.py); a host that is not public is refused here, before anything is spent.
 
     Returns:
         The JobResult.
@@ -64,8 +68,9 @@ async def factory(
     job = JobInput(
         seed=seed, objective=objective, function=function, job_id=job_id or str(runtime.flow_run.id),
         input_refs=input_refs, output_ref=output_ref, log_ref=log_ref, limits=limits,
-        executor_model=executor_model, evaluator_model=evaluator_model,
+        executor_model=executor_model, evaluator_model=evaluator_model, callback_url=callback_url,
     )
+    warnings = await check_callback_url(job.callback_url, settings) if job.callback_url else []
     plan = await plan_job(job, settings, storage, date.today())
     await require_api_key(plan.executor.provider, "executor_model",
                           "a `diffusers:` model on the GPU pool" if plan.media_kind else None)
@@ -73,7 +78,7 @@ async def factory(
     if plan.transcriber is not None:  # audio is judged from its transcript
         await require_api_key(plan.transcriber.provider, "function")
     logger = get_run_logger()
-    for warning in plan.warnings:
+    for warning in warnings + plan.warnings:
         logger.warning(warning)
     try:
         if uploaded := await storage.drain_spool():
@@ -82,7 +87,10 @@ async def factory(
     except StorageError as exc:
         logger.warning("Spooled objects in %s could not be uploaded yet: %s", storage.spool, exc)
     log = await EventLog.open(storage, plan.log_path, job.job_id)
-    await log.emit(Event.JOB_CREATED, job_id=job.job_id, function=job.function.value,
+    # The flow run id marks where this run's events start: the state hooks find its own events (and tell its
+    # result from an earlier run's of the same job_id) by it.
+    await log.emit(Event.JOB_CREATED, job_id=job.job_id, flow_run_id=str(runtime.flow_run.id),
+                   function=job.function.value,
                    limits=job.limits.model_dump(), input_refs=job.input_refs)
     logger.info("Job %s: executor %s, evaluator %s, budget $%.2f; log at %s", job.job_id, plan.executor.name,
                 plan.evaluator.name, job.limits.budget_usd, plan.log_path.ref)
