@@ -20,6 +20,8 @@ from tests.helpers import DONE, NOT_YET
 from tests.processes import run_cli, served_deployment, wait_state
 
 pytestmark = pytest.mark.cli
+FINAL = {"COMPLETED", "FAILED", "CRASHED"}
+DRY = {"executor_model": "dry-run", "evaluator_model": "dry-run"}
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +42,32 @@ def gpu_pool(llm_server, runpod_api, tmp_path_factory):
         yield {**served, "emulator": emulator}
 
 
-def start_run(gpu_pool, job_id: str, **params) -> str:
+def start_run(gpu_pool, job_id: str, job_variables: dict | None = None, **params) -> str:
     body = {"seed": "Write a haiku.", "objective": "A haiku.", "job_id": job_id, **params}
-    run = run_cli(["deployment", "run", "factory/gpu-job", "--params", json.dumps(body)], gpu_pool["env"])
+    args = ["deployment", "run", "factory/gpu-job", "--params", json.dumps(body)]
+    for name, value in (job_variables or {}).items():
+        args += ["--job-variable", f"{name}={json.dumps(value)}"]
+    run = run_cli(args, gpu_pool["env"])
     assert run.returncode == 0, run.stdout + run.stderr
     return re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+
+
+def read_state(gpu_pool, flow_run_id: str) -> dict:
+    return httpx.get(f"{gpu_pool['api_url']}/flow_runs/{flow_run_id}", timeout=10).json()["state"]
+
+
+def state_history(gpu_pool, flow_run_id: str) -> list[str]:
+    states = httpx.get(f"{gpu_pool['api_url']}/flow_run_states/", params={"flow_run_id": flow_run_id}, timeout=10)
+    return [state["type"] for state in states.json()]
+
+
+def wait_logged(gpu_pool, text: str, timeout_s: float = 90) -> str:
+    """The worker's log once it holds `text` (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while text not in (log := gpu_pool["worker"].log.read_text()):
+        assert time.monotonic() < deadline, f"{text!r} never logged: " + log[-3000:]
+        time.sleep(0.3)
+    return log
 
 
 def test_default_job_template_lists_the_runpod_variables(gpu_pool):
@@ -76,6 +99,66 @@ def test_a_failed_runpod_job_fails_the_flow_run(gpu_pool, outcome):
     flow_run_id = start_run(gpu_pool, f"gpu-{outcome.lower()}", executor_model="dry-run", evaluator_model="dry-run")
     assert wait_state(gpu_pool, flow_run_id, {"COMPLETED", "FAILED", "CRASHED"}) in {"FAILED", "CRASHED"}
     assert outcome in gpu_pool["worker"].log.read_text()
+
+
+def test_the_worker_keeps_following_a_job_through_failed_status_polls(gpu_pool):
+    """A 502, an answer slower than the request timeout, a body that is not JSON, one without a status and a
+    429 from /status delay the worker but never make it let go: it still maps the job's end onto the run."""
+    emulator = gpu_pool["emulator"]
+    faults = ["502", "hang", "not-json", "no-status", "429"]
+    emulator.force, emulator.status_faults = "FAILED", list(faults)
+    logged_before = len(gpu_pool["worker"].log.read_text())
+    flow_run_id = start_run(gpu_pool, "gpu-flaky-status", {"request_timeout_s": 1, "poll_interval_s": 0.1}, **DRY)
+    assert wait_state(gpu_pool, flow_run_id, FINAL, timeout_s=120) == "CRASHED"
+    job_id = httpx.get(f"{gpu_pool['api_url']}/flow_runs/{flow_run_id}", timeout=10).json()["infrastructure_pid"]
+    assert read_state(gpu_pool, flow_run_id)["message"] == f"RunPod job {job_id} FAILED: emulated FAILED"
+    assert emulator.jobs[job_id].faults == [], "every scripted fault was polled through"
+    log = gpu_pool["worker"].log.read_text()[logged_before:]
+    for said in ("(HTTP 502)", "(no answer in 1 s)", "(a body that is not JSON", "(a body without a job status",
+                 "(HTTP 429)"):
+        assert f"Could not read the status of RunPod job {job_id} {said}" in log
+    assert "still following it" in log and "Lost connection" not in log
+
+
+def test_a_job_runpod_no_longer_knows_is_reported_clearly(gpu_pool):
+    """404 from /status is not retried: the worker says which job is gone and why it may be."""
+    emulator = gpu_pool["emulator"]
+    emulator.hold, emulator.status_faults = True, ["404"]
+    flow_run_id = start_run(gpu_pool, "gpu-gone", **DRY)
+    log = wait_logged(gpu_pool, "does not know job")
+    job_id = httpx.get(f"{gpu_pool['api_url']}/flow_runs/{flow_run_id}", timeout=10).json()["infrastructure_pid"]
+    assert f"RunPod does not know job {job_id} on endpoint 'factory-gpu-test' (HTTP 404)" in log
+    assert "expired (`ttl_s`)" in log
+    assert run_cli(["flow-run", "cancel", flow_run_id], gpu_pool["env"]).returncode == 0  # nobody follows it now
+
+
+@pytest.mark.parametrize("job_id, output", [
+    ("gpu-refused", {"status": "error", "error": "`input.command`: not a command the worker sends"}),
+    ("gpu-bare-error", {"error": "CUDA out of memory"})])
+def test_a_handler_error_without_an_exit_code_fails_the_flow_run(gpu_pool, job_id, output):
+    """The handler answered without running the flow run: the run fails with the handler's words (one that
+    Completed or stayed Pending would hide them), never having started."""
+    gpu_pool["emulator"].output = output
+    flow_run_id = start_run(gpu_pool, job_id, **DRY)
+    assert wait_state(gpu_pool, flow_run_id, FINAL, timeout_s=90) == "FAILED"
+    message = read_state(gpu_pool, flow_run_id)["message"]
+    assert message.endswith(f"COMPLETED without running the flow run: the handler refused it: {output['error']}")
+    assert "RUNNING" not in state_history(gpu_pool, flow_run_id)
+
+
+@pytest.mark.parametrize("job_id, variables, field", [
+    ("gpu-command-refused", {"command": "sh -c 'touch {marker}'"}, "`input.command`: `sh -c 'touch "),
+    ("gpu-env-refused", {"env": {"LD_PRELOAD": "{marker}.so"}}, "`input.env.LD_PRELOAD`: refused")])
+def test_the_endpoint_runs_only_what_the_worker_sends(gpu_pool, tmp_path, job_id, variables, field):
+    """A pool whose `command` or `env` asks the handler for something else: the handler refuses it and runs
+    nothing; the flow run fails with the handler's reason and never started."""
+    marker = tmp_path / "marker"
+    variables = json.loads(json.dumps(variables).replace("{marker}", str(marker)))
+    flow_run_id = start_run(gpu_pool, job_id, variables, **DRY)
+    assert wait_state(gpu_pool, flow_run_id, FINAL, timeout_s=90) == "FAILED"
+    message = read_state(gpu_pool, flow_run_id)["message"]
+    assert f"the handler refused it: refused, nothing was run: {field}" in message, message
+    assert "RUNNING" not in state_history(gpu_pool, flow_run_id) and not marker.exists()
 
 
 def test_cancelling_a_queued_run_cancels_the_runpod_job(gpu_pool):
@@ -142,6 +225,7 @@ async def test_handler_reports_progress_after_each_iteration(factory_env, monkey
     import handler
 
     updates = []
+    monkeypatch.setenv("RUNPOD_WEBHOOK_POST_OUTPUT", "http://127.0.0.1:9/job-done/$ID")  # set on RunPod workers
     monkeypatch.setattr(runpod.serverless, "progress_update", lambda job, progress: updates.append((job["id"], progress)))
     factory_env.reset(Script(verdicts=[NOT_YET, DONE]))
     reply = await handler.handler({"id": "rp-1", "input": {"seed": "Write a haiku.", "objective": "A haiku.",
