@@ -7,7 +7,7 @@ or a video's first frame), `factory-<job>-iterations`
 
 Artifacts are sent by one background consumer, in order, off the loop's critical path: each is an
 API round trip, and five per iteration would otherwise add ~100 ms to every iteration. `close()`
-waits for the last of them.
+waits for the last of them, then for Prefect to send the events they and the job's tasks raised.
 """
 
 from __future__ import annotations
@@ -16,15 +16,18 @@ import asyncio
 import base64
 import logging
 import re
+import threading
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
 from prefect.artifacts import (acreate_image_artifact, acreate_markdown_artifact, acreate_progress_artifact,
                                acreate_table_artifact, aupdate_progress_artifact)
+from prefect.events.worker import EventsWorker, should_emit_events
 
 from factory.models import FunctionType, JobResult, Limits, Verdict
 
 MAX_INLINE_CHARS = 4000
+EVENTS_FLUSH_TIMEOUT_S = 30.0
 logger = logging.getLogger(__name__)
 
 
@@ -68,11 +71,12 @@ class JobReport:
                 logger.warning("Could not publish a Prefect artifact: %r", exc)
 
     async def close(self) -> None:
-        """Wait until every artifact queued so far has been sent."""
+        """Wait until every artifact queued so far has been sent, and every event Prefect raised for them."""
         if self._sender is not None:
             self._queue.put_nowait(None)
             await self._sender
             self._sender = None
+        await flush_events()
 
     def iteration(self, n: int, artifact: str, ref: str, extension: str, verdict: Verdict, cost: Decimal,
                         spent: Decimal, duration_ms: int) -> None:
@@ -146,3 +150,33 @@ class JobReport:
             head + "\n\n## JobResult\n" + fenced(result.model_dump_json(indent=2), "json"),
             key=artifact_key(result.job_id, "summary"), description=f"{result.status.value}: {result.stop_reason.value}"))
         await self.close()
+
+
+async def flush_events(timeout_s: float = EVENTS_FLUSH_TIMEOUT_S) -> None:
+    """Wait, at most `timeout_s`, until Prefect's client has sent every event raised so far in this process.
+
+    Each artifact (and each task run) raises an event that Prefect sends from a background queue, which it
+    otherwise empties only when the process exits, after the flow run has ended: the handler's temporary
+    server is then stopped while it still records them (ERROR tracebacks from its task-run recorder), and an
+    event raised once that exit drain has stopped the queue fails ("Cannot put items in a stopped service
+    instance"). Sent here, while the run still goes, nothing is left for the exit, whatever the entry.
+    """
+    if not should_emit_events():
+        return
+    worker = EventsWorker.instance()
+    loop = asyncio.get_running_loop()
+    sent: asyncio.Future[None] = loop.create_future()
+
+    def wait() -> None:  # a daemon thread: a queue that never empties must not keep the process alive
+        worker.wait_until_empty()
+        try:
+            loop.call_soon_threadsafe(lambda: sent.done() or sent.set_result(None))
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=wait, name="factory-events-flush", daemon=True).start()
+    try:
+        await asyncio.wait_for(sent, timeout_s)
+    except TimeoutError:
+        logger.warning("Prefect had not sent every event of the job after %.0f s; the rest are sent when the "
+                       "process exits", timeout_s)
