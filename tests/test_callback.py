@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import uvicorn
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectAlreadyExists, PrefectHTTPStatusError
+from prefect.exceptions import PrefectHTTPStatusError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -35,13 +34,13 @@ from factory.models import Event, JobResult, JobStatus, StopReason
 from factory.settings import get_settings
 from factory.storage import get_storage
 from flows.hooks import record_failure
-from flows.job import factory
 from tasks.callback import send_callback
 from tests.conftest import reset_settings
 from tests.emulators.llm import Script
 from tests.emulators.server import ThreadedServer, free_port
 from tests.helpers import DONE, NOT_YET, artifacts_of, event_names, job_params, read_log, run_job
 from tests.processes import run_cli, served_deployment, wait_state
+from tests.test_params import deployment  # noqa: F401 - the fixture
 
 SECRET = "whsec-test-callback-secret"
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -365,23 +364,12 @@ def test_malformed_urls_are_refused_naming_the_field(url, message):
         parse_callback_url(url)
 
 
-@pytest.fixture(scope="module")
-async def deployment(prefect_server):
-    async with get_client() as client:
-        try:
-            await client.create_work_pool(WorkPoolCreate(name="factory-local", type="process"))
-        except ObjectAlreadyExists:
-            pass
-    await (await factory.to_deployment(name="job", work_pool_name="factory-local")).apply()
-    return "factory/job"
-
-
 BAD_URLS = [("ftp", "ftp://x"), ("userinfo", "http://user:pass@host/"), ("too-long", "https://x/" + "a" * 3000),
             ("no-host", "https:///x")]
 
 
 @pytest.mark.parametrize("url", [u for _, u in BAD_URLS], ids=[i for i, _ in BAD_URLS])
-async def test_deployment_refuses_bad_callback_urls_at_creation(deployment, url):
+async def test_deployment_refuses_bad_callback_urls_at_creation(deployment, url):  # noqa: F811
     with pytest.raises(PrefectHTTPStatusError) as caught:
         await run_deployment(deployment, parameters=job_params(callback_url=url), timeout=0)
     assert caught.value.response.status_code == 409
