@@ -33,7 +33,6 @@ from flows.report import JobReport
 from tasks.calls import CallResult
 from tasks.evaluate import evaluate_artifact
 from tasks.generate import generate_artifact
-from tasks.media import generate_media, transcribe_audio
 from tasks.retry import Allowance
 from tasks.store import store_artifact
 
@@ -73,11 +72,6 @@ class JobRun:
     def __post_init__(self) -> None:
         self.budget = Budget(self.plan.job.limits.budget_usd)
         self.deadline = time.time() + self.plan.job.limits.timeout_minutes * 60
-        # Each task retries its own call (tasks/retry.py): within the budget and the deadline, attempt by attempt.
-        self.generate = generate_artifact
-        self.evaluate = evaluate_artifact
-        self.generate_media = generate_media
-        self.transcribe = transcribe_audio
         self.report = JobReport(self.plan.job.job_id, self.plan.job.function, self.plan.job.limits)
 
     async def run(self) -> JobResult:
@@ -152,7 +146,7 @@ class JobRun:
         request = ChatRequest(model=self.plan.executor.api_name, system=EXECUTOR_SYSTEM,
                               messages=[Message.user(prompt, images)],
                               max_tokens=self.settings.executor_max_tokens)
-        generated = await self.call(self.generate, Event.EXECUTOR_CALL, n, "executor", self.plan.executor, request)
+        generated = await self.call(generate_artifact, Event.EXECUTOR_CALL, n, "executor", self.plan.executor, request)
         text, extension = render(self.plan.job.function, generated.reply.text)
         location = self.plan.artifact_dir.child(f"iteration-{n:02d}{extension}")
         digest = await store_artifact(location, text.encode())
@@ -178,7 +172,7 @@ class JobRun:
                               messages=[Message.user(prompt, images)],
                               max_tokens=self.settings.evaluator_max_tokens, response_schema=VERDICT_SCHEMA,
                               schema_name=VERDICT_TOOL, schema_description=VERDICT_TOOL_DESCRIPTION)
-        first = await self.call(self.evaluate, Event.EVALUATOR_CALL, n, "evaluator", self.plan.evaluator, request)
+        first = await self.call(evaluate_artifact, Event.EVALUATOR_CALL, n, "evaluator", self.plan.evaluator, request)
         try:
             verdict = parse_verdict(first.reply.structured, first.reply.text)
         except UnreadableVerdict as exc:
@@ -195,7 +189,7 @@ class JobRun:
             Message(role="user", content=REPAIR_INSTRUCTION.format(error=error))]})
         get_run_logger().warning("Iteration %d: evaluator reply unreadable (%s); asking once more.", n, error)
         try:
-            second = await self.call(self.evaluate, Event.EVALUATOR_CALL, n, "evaluator-repair",
+            second = await self.call(evaluate_artifact, Event.EVALUATOR_CALL, n, "evaluator-repair",
                                       self.plan.evaluator, repair)
         except BudgetExceeded as exc:
             return unparseable_verdict(f"{error}; not asked again: {exc}")

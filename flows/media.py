@@ -19,7 +19,8 @@ from factory.models import Event, IterationOutput
 from factory.prompts import media_description
 from factory.providers import ImagePart
 from factory.storage import Location
-from tasks.media import MediaCallResult, TranscriptCallResult, media_usage_bound
+from tasks.media import (MediaCallResult, TranscriptCallResult, generate_media, media_usage_bound,
+                         transcribe_audio)
 from tasks.store import store_artifact
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ async def make_media(run: JobRun, n: int, previous: Iteration | None) -> Made:
                            width=settings.media_width, height=settings.media_height,
                            duration_s=settings.media_seconds)
     worst = plan.executor.price.cost(await media_usage_bound(plan.executor.provider, request))
-    generated: MediaCallResult = await run.call(run.generate_media, Event.EXECUTOR_CALL, n, "executor",
+    generated: MediaCallResult = await run.call(generate_media, Event.EXECUTOR_CALL, n, "executor",
                                                  plan.executor, request, worst, rejects=plan.artifact_dir)
     media, facts, images = generated.result, generated.facts, generated.shown
     extension = MEDIA_EXTENSIONS.get(media.media_type, ".bin")
@@ -80,5 +81,5 @@ async def _transcribe(run: JobRun, n: int, request: MediaRequest, generated: Med
 
     transcriber = run.plan.transcriber
     worst = transcriber.price.cost(OpenAIMediaGenerator.transcription_bound(facts.duration_s or 0))
-    return await run.call(run.transcribe, Event.EXECUTOR_CALL, n, "transcriber", transcriber, request, worst,
+    return await run.call(transcribe_audio, Event.EXECUTOR_CALL, n, "transcriber", transcriber, request, worst,
                            audio=generated.result)
