@@ -25,23 +25,23 @@ if not os.environ.get("PREFECT_API_URL"):
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-import asyncio  # noqa: E402
-import logging  # noqa: E402
-import re  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import asyncio
+import logging
+import re
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-import runpod  # noqa: E402
-from pydantic import ValidationError  # noqa: E402
+import runpod
+from pydantic import ValidationError
 
-from factory.errors import FactoryError  # noqa: E402
-from factory.models import JobInput  # noqa: E402
-from factory.settings import get_settings  # noqa: E402
-from flows.job import factory  # noqa: E402
-from flows.loop import progress_listener  # noqa: E402
+from factory.errors import FactoryError
+from factory.models import JobInput
+from factory.settings import get_settings
+from flows.job import factory
+from flows.loop import progress_listener
 
 logger = logging.getLogger("factory.handler")
 LOG_FORMAT = "%(asctime)s | %(levelname)-7s | %(name)s - %(message)s"
@@ -101,7 +101,7 @@ def _is_python(program: str) -> bool:
 
 
 def _bundle_options_problem(options: list[str]) -> str | None:
-    pairs = dict(zip(options[::2], options[1::2]))
+    pairs = dict(zip(options[::2], options[1::2], strict=False))  # an odd one out is refused below
     if len(options) % 2 or len(pairs) * 2 != len(options):
         return "takes each option once, with one value"
     if unknown := sorted(set(pairs) - set(BUNDLE_OPTIONS)):

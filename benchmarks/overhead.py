@@ -42,12 +42,19 @@ def params(iterations: int) -> dict:
 
 async def bare_loop(iterations: int) -> float:
     """The same calls with no orchestration: providers, prompts and verdict parsing only."""
-    from factory.prompts import (EVALUATOR_SYSTEM, EXECUTOR_SYSTEM, VERDICT_SCHEMA, VERDICT_TOOL,
-                                 evaluator_prompt, executor_prompt)
+    from pydantic import SecretStr
+
     from factory.models import FunctionType
+    from factory.prompts import (
+        EVALUATOR_SYSTEM,
+        EXECUTOR_SYSTEM,
+        VERDICT_SCHEMA,
+        VERDICT_TOOL,
+        evaluator_prompt,
+        executor_prompt,
+    )
     from factory.providers import ChatRequest, Message, make_provider
     from factory.verdict import parse_verdict
-    from pydantic import SecretStr
 
     started = time.perf_counter()
     provider = make_provider("anthropic", SecretStr(os.environ["ANTHROPIC_API_KEY"]))
@@ -73,7 +80,7 @@ async def bare_loop(iterations: int) -> float:
 async def flow_child(iterations: int) -> None:
     """Two jobs in one fresh process: the first pays the process's warm-up (as every deployment run
     does), the second shows the steady state of a long-lived process."""
-    import factory.providers.anthropic  # noqa: F401 - the SDK import is start-up, as it is for the bare loop
+    import factory.providers.anthropic
     from flows.job import factory
 
     walls = []

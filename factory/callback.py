@@ -28,7 +28,7 @@ import httpx
 from pydantic import ValidationError
 
 from factory.errors import ConfigurationError, FactoryError
-from factory.models import (MAX_CALLBACK_URL_CHARS, Event, IterationDetail, JobResult, StopReason)
+from factory.models import MAX_CALLBACK_URL_CHARS, Event, IterationDetail, JobResult, StopReason
 from factory.settings import FactorySettings
 
 FIELD = "callback_url"
@@ -107,7 +107,7 @@ class AllowList:
     networks: tuple[IPv4Network | IPv6Network, ...] = ()
 
     @classmethod
-    def parse(cls, text: str) -> "AllowList":
+    def parse(cls, text: str) -> AllowList:
         names, networks = set(), []
         for entry in (e.strip().lower().strip("[]").rstrip(".") for e in text.split(",")):
             if not entry:

@@ -27,7 +27,7 @@ class EventLog:
         self.spooled: StorageSpooled | None = None
 
     @classmethod
-    async def open(cls, storage: Storage, location: Location, job_id: str) -> "EventLog":
+    async def open(cls, storage: Storage, location: Location, job_id: str) -> EventLog:
         """The job's log, continuing the events of an earlier run of the same job if there are any."""
         log = cls(storage, location, job_id)
         try:

@@ -8,7 +8,7 @@ model refuse the same inputs with the same field names.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any
@@ -172,7 +172,8 @@ class CallRecord(StrictModel):
     duration_ms: int
     usage_known: bool = Field(default=True, description="False: the reply said nothing of its usage, so the call "
                                                          "was charged its worst case.")
-    failed: str | None = Field(default=None, description="Why a billed attempt failed; it was retried or ended the job.")
+    failed: str | None = Field(default=None,
+                                description="Why a billed attempt failed; it was retried or ended the job.")
 
 
 class Verdict(StrictModel):
@@ -230,4 +231,4 @@ class JobResult(StrictModel):
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

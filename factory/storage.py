@@ -37,8 +37,8 @@ BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 WINDOWS_DRIVE = re.compile(r"[A-Za-z]:")
 SPOOL_DIR = ".spool"
-CONTENT_TYPES = {".md": "text/markdown; charset=utf-8", ".json": "application/json", ".txt": "text/plain; charset=utf-8",
-                 ".py": "text/x-python; charset=utf-8"}
+CONTENT_TYPES = {".md": "text/markdown; charset=utf-8", ".json": "application/json",
+                 ".txt": "text/plain; charset=utf-8", ".py": "text/x-python; charset=utf-8"}
 
 
 @dataclass(frozen=True)
@@ -50,13 +50,13 @@ class Location:
     bucket: str | None = None
     key: str | None = None
 
-    def child(self, name: str) -> "Location":
+    def child(self, name: str) -> Location:
         if self.path is not None:
             return Location(ref=str(self.path / name), path=self.path / name)
         key = f"{self.key.rstrip('/')}/{name}" if self.key else name
         return Location(ref=f"s3://{self.bucket}/{key}", bucket=self.bucket, key=key)
 
-    def sibling(self, name: str) -> "Location":
+    def sibling(self, name: str) -> Location:
         if self.path is not None:
             return Location(ref=str(self.path.parent / name), path=self.path.parent / name)
         parent = str(PurePosixPath(self.key).parent)

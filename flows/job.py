@@ -19,8 +19,21 @@ from blocks.credentials import require_api_key
 from factory.callback import check_callback_url
 from factory.errors import StorageError
 from factory.eventlog import EventLog
-from factory.models import (CallbackUrl, Event, FunctionType, InputRefs, JobId, JobInput, JobResult, Limits,
-                            ModelName, Objective, Ref, Seed, utcnow)
+from factory.models import (
+    CallbackUrl,
+    Event,
+    FunctionType,
+    InputRefs,
+    JobId,
+    JobInput,
+    JobResult,
+    Limits,
+    ModelName,
+    Objective,
+    Ref,
+    Seed,
+    utcnow,
+)
 from factory.preflight import plan_job
 from factory.settings import get_settings
 from factory.storage import get_storage

@@ -18,12 +18,20 @@ from prefect.logging import get_run_logger
 
 from factory.artifacts import render
 from factory.budget import Budget
-from factory.errors import (BudgetExceeded, DeadlineExceeded, JobFailed, ProviderError, StorageError)
+from factory.errors import BudgetExceeded, DeadlineExceeded, JobFailed, ProviderError, StorageError
 from factory.eventlog import EventLog
 from factory.models import Event, IterationDetail, IterationOutput, JobResult, StopReason, Verdict, utcnow
 from factory.preflight import JobPlan, ModelPlan
-from factory.prompts import (EVALUATOR_SYSTEM, EXECUTOR_SYSTEM, REPAIR_INSTRUCTION, VERDICT_SCHEMA,
-                             VERDICT_TOOL, VERDICT_TOOL_DESCRIPTION, evaluator_prompt, executor_prompt)
+from factory.prompts import (
+    EVALUATOR_SYSTEM,
+    EXECUTOR_SYSTEM,
+    REPAIR_INSTRUCTION,
+    VERDICT_SCHEMA,
+    VERDICT_TOOL,
+    VERDICT_TOOL_DESCRIPTION,
+    evaluator_prompt,
+    executor_prompt,
+)
 from factory.providers import DRY_RUN_MODEL, ChatRequest, ImagePart, Message
 from factory.settings import FactorySettings
 from factory.storage import get_storage

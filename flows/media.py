@@ -19,8 +19,7 @@ from factory.models import Event, IterationOutput
 from factory.prompts import media_description
 from factory.providers import ImagePart
 from factory.storage import Location
-from tasks.media import (MediaCallResult, TranscriptCallResult, generate_media, media_usage_bound,
-                         transcribe_audio)
+from tasks.media import MediaCallResult, TranscriptCallResult, generate_media, media_usage_bound, transcribe_audio
 from tasks.store import store_artifact
 
 if TYPE_CHECKING:

@@ -20,8 +20,13 @@ import threading
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
-from prefect.artifacts import (acreate_image_artifact, acreate_markdown_artifact, acreate_progress_artifact,
-                               acreate_table_artifact, aupdate_progress_artifact)
+from prefect.artifacts import (
+    acreate_image_artifact,
+    acreate_markdown_artifact,
+    acreate_progress_artifact,
+    acreate_table_artifact,
+    aupdate_progress_artifact,
+)
 from prefect.events.worker import EventsWorker, should_emit_events
 
 from factory.models import FunctionType, JobResult, Limits, Verdict
@@ -148,7 +153,8 @@ class JobReport:
                 + (f"\n\n**Error:** {result.error}" if result.error else ""))
         self._send(lambda: acreate_markdown_artifact(
             head + "\n\n## JobResult\n" + fenced(result.model_dump_json(indent=2), "json"),
-            key=artifact_key(result.job_id, "summary"), description=f"{result.status.value}: {result.stop_reason.value}"))
+            key=artifact_key(result.job_id, "summary"),
+            description=f"{result.status.value}: {result.stop_reason.value}"))
         await self.close()
 
 

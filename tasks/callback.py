@@ -28,8 +28,18 @@ from dataclasses import asdict, dataclass, field
 import httpx
 from pydantic import SecretStr
 
-from factory.callback import (DELIVERY_HEADER, SIGNATURE_HEADER, AllowList, CallbackRefused, CallbackTarget,
-                              CallbackUnresolved, IPAddress, check_destination, parse_callback_url, signature)
+from factory.callback import (
+    DELIVERY_HEADER,
+    SIGNATURE_HEADER,
+    AllowList,
+    CallbackRefused,
+    CallbackTarget,
+    CallbackUnresolved,
+    IPAddress,
+    check_destination,
+    parse_callback_url,
+    signature,
+)
 from factory.settings import FactorySettings
 
 USER_AGENT = "the-factory-callback/1"

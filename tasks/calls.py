@@ -17,7 +17,6 @@ from factory.models import CallRecord, StrictModel, Usage
 from factory.providers import ChatReply, ChatRequest, Provider, make_provider
 from tasks.retry import Allowance, Call, with_retries
 
-
 C = TypeVar("C")
 # Provider clients hold connection pools bound to the event loop that made them: one set per loop.
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Callable, str, str], Any]] = (

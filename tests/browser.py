@@ -38,7 +38,7 @@ class Browser:
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         self._ids = itertools.count(1)
 
-    async def __aenter__(self) -> "Browser":
+    async def __aenter__(self) -> Browser:
         deadline = time.monotonic() + 30
         while True:
             try:

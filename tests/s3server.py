@@ -18,7 +18,7 @@ class S3Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self._server: ThreadedMotoServer | None = None
 
-    def start(self) -> "S3Server":
+    def start(self) -> S3Server:
         # moto keeps its buckets in process memory, so objects survive a stop/start of the HTTP server.
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()

@@ -27,8 +27,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 import factory.callback as callback
-from factory.callback import (AllowList, CallbackRefused, address_refusal, check_destination, parse_callback_url,
-                              result_from_log, stored_result)
+from factory.callback import (
+    AllowList,
+    CallbackRefused,
+    address_refusal,
+    check_destination,
+    parse_callback_url,
+    result_from_log,
+    stored_result,
+)
 from factory.eventlog import EventLog
 from factory.models import Event, JobResult, JobStatus, StopReason
 from factory.settings import get_settings
@@ -402,7 +409,7 @@ def _certificate(tmp_path: Path, name: str) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=1))
@@ -494,7 +501,7 @@ def test_a_result_rebuilt_from_the_log_says_what_the_log_knows():
     earlier = [_event("JOB_CREATED", "00", flow_run_id="run-1"), _event("JOB_COMPLETED", "00")]
     run = callback.run_events(earlier + RUN, "run-2")
     assert run == RUN and callback.run_events(earlier + RUN, "run-3") == []
-    now = dt.datetime(2026, 12, 1, 10, 0, 10, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 12, 1, 10, 0, 10, tzinfo=dt.UTC)
     result = result_from_log("j", StopReason.CANCELLED, run, "cancelled through Prefect", created_at=now,
                              completed_at=now, executor_model="", evaluator_model="", log_ref="/s/j/log.json")
     assert result.status is JobStatus.CANCELLED and result.total_iterations == 1
@@ -507,7 +514,7 @@ def test_a_result_rebuilt_from_the_log_says_what_the_log_knows():
 
 
 def test_an_earlier_runs_result_is_not_taken_for_this_runs():
-    now = dt.datetime(2026, 12, 1, 10, 0, 10, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2026, 12, 1, 10, 0, 10, tzinfo=dt.UTC)
     result = result_from_log("j", StopReason.CANCELLED, RUN, "x", created_at=now, completed_at=now,
                              executor_model="", evaluator_model="", log_ref=None)
     data = result.model_dump_json().encode()

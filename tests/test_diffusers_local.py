@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from factory.errors import ProviderRequestError, TransientProviderError
-from factory.media import MediaRequest, media_api_model, make_media_generator
+from factory.media import MediaRequest, make_media_generator, media_api_model
 from factory.settings import get_settings
 from tests.conftest import reset_settings
 

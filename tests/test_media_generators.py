@@ -23,8 +23,7 @@ from factory.models import Usage
 from factory.pricing import price_for
 from factory.settings import get_settings
 from tests.emulators.llm import OPENAI_KEY, Emulator, Script
-from tests.emulators.media import (ELEVENLABS_KEY, FAL_KEY, MediaBilled, MediaEmulator, MediaScript,
-                                   speech_seconds)
+from tests.emulators.media import ELEVENLABS_KEY, FAL_KEY, MediaBilled, MediaEmulator, MediaScript, speech_seconds
 
 KEYS = {"fal": FAL_KEY, "elevenlabs": ELEVENLABS_KEY, "openai": OPENAI_KEY}
 FLUX = "fal-ai/flux/schnell"

@@ -15,8 +15,15 @@ import pytest
 from PIL import Image
 
 from factory.media.probe import (
-    EVALUATOR_MAX_BYTES, EVALUATOR_MAX_SIDE, SILENCE_DBFS, MediaFacts, UnreadableMedia, evaluator_image, facts_text,
-    probe, sample_frames,
+    EVALUATOR_MAX_BYTES,
+    EVALUATOR_MAX_SIDE,
+    SILENCE_DBFS,
+    MediaFacts,
+    UnreadableMedia,
+    evaluator_image,
+    facts_text,
+    probe,
+    sample_frames,
 )
 
 RGB = tuple[int, int, int]
@@ -96,7 +103,7 @@ def center_color(png: bytes) -> RGB:
 
 
 def assert_close_color(actual: RGB, expected: RGB, tolerance: int = 12) -> None:
-    assert max(abs(a - e) for a, e in zip(actual, expected)) <= tolerance, (actual, expected)
+    assert max(abs(a - e) for a, e in zip(actual, expected, strict=True)) <= tolerance, (actual, expected)
 
 
 # Audio
@@ -173,7 +180,7 @@ def test_sample_frames_spreads_over_the_whole_video() -> None:
     colors = (RED, GREEN, BLUE, WHITE)
     pngs = sample_frames(make_color_video(colors, seconds=2.0, fps=10), 4)
     assert len(pngs) == len(set(pngs)) == 4
-    for png, color in zip(pngs, colors):  # one frame from each quarter, in time order
+    for png, color in zip(pngs, colors, strict=True):  # one frame from each quarter, in time order
         assert Image.open(io.BytesIO(png)).format == "PNG"
         assert_close_color(center_color(png), color)
 
@@ -186,7 +193,7 @@ def test_sample_frames_downscales_to_max_side() -> None:
 def test_sample_frames_of_a_short_video_gives_each_frame_once() -> None:
     pngs = sample_frames(make_color_video((RED, GREEN, BLUE), seconds=0.3, fps=10), 8)
     assert len(pngs) == 3
-    for png, color in zip(pngs, (RED, GREEN, BLUE)):
+    for png, color in zip(pngs, (RED, GREEN, BLUE), strict=True):
         assert_close_color(center_color(png), color)
 
 

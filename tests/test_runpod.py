@@ -226,7 +226,8 @@ async def test_handler_reports_progress_after_each_iteration(factory_env, monkey
 
     updates = []
     monkeypatch.setenv("RUNPOD_WEBHOOK_POST_OUTPUT", "http://127.0.0.1:9/job-done/$ID")  # set on RunPod workers
-    monkeypatch.setattr(runpod.serverless, "progress_update", lambda job, progress: updates.append((job["id"], progress)))
+    monkeypatch.setattr(runpod.serverless, "progress_update",
+                        lambda job, progress: updates.append((job["id"], progress)))
     factory_env.reset(Script(verdicts=[NOT_YET, DONE]))
     reply = await handler.handler({"id": "rp-1", "input": {"seed": "Write a haiku.", "objective": "A haiku.",
                                                            "job_id": "rp-progress"}})

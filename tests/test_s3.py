@@ -20,8 +20,8 @@ from prefect.settings import PREFECT_API_URL, PREFECT_RESULTS_DEFAULT_STORAGE_BL
 
 from blocks.register import RESULTS_BLOCK, RESULTS_FOLDER, register
 from factory.errors import StorageError, StorageSpooled
-from factory.s3 import ATTEMPT_TIMEOUT_S, S3Store
 from factory.models import JobResult, StopReason
+from factory.s3 import ATTEMPT_TIMEOUT_S, S3Store
 from factory.storage import get_storage
 from tests.conftest import reset_settings
 from tests.emulators.llm import Script
@@ -54,7 +54,8 @@ async def test_artifacts_and_log_land_in_s3_with_content_types(s3_env):
     llm, s3 = s3_env
     llm.reset(Script(verdicts=[NOT_YET, DONE]))
     prefix = f"s3://{BUCKET}/jobs/s3-1"
-    result: JobResult = await (await run_job(job_id="s3-1", output_ref=f"{prefix}/", log_ref=f"{prefix}/log.json")).result()
+    run = await run_job(job_id="s3-1", output_ref=f"{prefix}/", log_ref=f"{prefix}/log.json")
+    result: JobResult = await run.result()
     assert result.stop_reason is StopReason.CONFORMITY
     assert result.final_artifact_ref == f"{prefix}/iteration-02.md"
     body, kind = s3_object(s3, "jobs/s3-1/iteration-01.md")
@@ -222,7 +223,7 @@ class SilentServer:
             except TimeoutError:
                 continue
 
-    def start(self) -> "SilentServer":
+    def start(self) -> SilentServer:
         self._thread.start()
         return self
 

@@ -92,5 +92,5 @@ class MediaGenerator(ABC):
     def usage_bound(self, request: MediaRequest) -> Usage:
         """The most this request can be billed for, unit by unit: priced, it is the call's worst case."""
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - a default, not abstract: most hold nothing to close
         """Release the generator's connections (a no-op where it holds none)."""

@@ -15,8 +15,8 @@ from factory.errors import ConfigurationError
 from factory.providers.base import ChatReply, ChatRequest, ImagePart, Message, Provider, TextPart
 from factory.providers.dryrun import DRY_RUN_MODEL, DryRunProvider
 
-__all__ = ["ChatReply", "ChatRequest", "ImagePart", "Message", "Provider", "TextPart", "DRY_RUN_MODEL", "provider_name", "api_model",
-           "make_provider"]
+__all__ = ["ChatReply", "ChatRequest", "ImagePart", "Message", "Provider", "TextPart", "DRY_RUN_MODEL", "provider_name",
+           "api_model", "make_provider"]
 
 _OPENAI_NAMES = re.compile(r"^(gpt-|chatgpt-|o\d)")
 

@@ -10,8 +10,7 @@ from pydantic import SecretStr
 
 from factory.errors import TransientProviderError
 from factory.models import Usage
-from factory.providers.base import (MALFORMED, ChatReply, ChatRequest, ImagePart, Message, Provider,
-                                    translate_sdk_error)
+from factory.providers.base import MALFORMED, ChatReply, ChatRequest, ImagePart, Message, Provider, translate_sdk_error
 
 # Models that answer 400 to a forced `tool_choice` ("tool" or "any"): they get the tool with
 # `auto` and an instruction to call it; a reply without the call goes to the repair path.

@@ -107,7 +107,7 @@ class Provider(ABC):
             ProviderAuthError, ProviderRequestError: not worth retrying.
         """
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - a default, not abstract: most hold nothing to close
         """Release the provider's connections (a no-op where it holds none)."""
 
 

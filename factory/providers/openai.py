@@ -15,8 +15,7 @@ from pydantic import SecretStr
 
 from factory.errors import TransientProviderError
 from factory.models import Usage
-from factory.providers.base import (MALFORMED, ChatReply, ChatRequest, ImagePart, Message, Provider,
-                                    translate_sdk_error)
+from factory.providers.base import MALFORMED, ChatReply, ChatRequest, ImagePart, Message, Provider, translate_sdk_error
 
 
 class OpenAIProvider(Provider):
