@@ -141,7 +141,7 @@ async def run_worker_request(payload: dict[str, Any]) -> dict[str, Any]:
         return {"status": "error", "error": "`input.command` must be a string and `input.env` an object"}
     args, problem = worker_command(command)
     problems = ([f"`input.command`: {problem}"] if problem else []) + env_problems(env)
-    if problems:
+    if problems or args is None:
         logger.warning("Refused a worker request: %s", "; ".join(problems))
         return {"status": "error", "error": "refused, nothing was run: " + "; ".join(problems)}
     return await run_command(args, {str(k): str(v) for k, v in env.items()})

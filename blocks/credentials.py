@@ -49,7 +49,7 @@ async def callback_secret() -> SecretStr | None:
 
 async def _from_block(name: str) -> SecretStr | None:
     try:
-        block = await Secret.aload(name)
+        block: Secret[str] = await Secret.aload(name)
     except ValueError:  # no such block document
         return None
     value = block.get()

@@ -268,8 +268,8 @@ def result_from_log(job_id: str, stop: StopReason, run: list[dict[str, Any]], no
     its iterations and spend as far as its event log recorded them; `error` says so."""
     by_name: dict[str, list[dict[str, Any]]] = {}
     for event in run:
-        by_name.setdefault(event.get("event"), []).append(event)
-    started = (by_name.get(Event.JOB_STARTED) or [None])[0]
+        by_name.setdefault(str(event.get("event")), []).append(event)
+    started = next(iter(by_name.get(Event.JOB_STARTED, [])), None)
     if started is not None:
         executor_model = started["data"].get("executor_model", executor_model)
         evaluator_model = started["data"].get("evaluator_model", evaluator_model)

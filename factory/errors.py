@@ -9,6 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from factory.models import Usage
 
 
@@ -39,7 +41,7 @@ class ObjectNotFound(StorageError):
 class StorageSpooled(StorageError):
     """S3 stayed unreachable: the object was kept in the local spool instead."""
 
-    def __init__(self, ref: str, spool_path, reason: str) -> None:
+    def __init__(self, ref: str, spool_path: Path, reason: str) -> None:
         self.ref = ref
         self.spool_path = spool_path
         super().__init__(f"{reason}; {ref} was kept at {spool_path}. Re-run the job with the same job_id "

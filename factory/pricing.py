@@ -21,7 +21,7 @@ import json
 from decimal import Decimal
 from functools import lru_cache
 from importlib.resources import files
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -129,7 +129,7 @@ class Catalogue(NamedTuple):
     unpriced: dict[str, str]
 
 
-def _table_from_json(raw: dict, origin: str) -> dict[str, Price]:
+def _table_from_json(raw: dict[str, Any], origin: str) -> dict[str, Price]:
     try:
         if "tables" in raw:
             return {
@@ -142,7 +142,7 @@ def _table_from_json(raw: dict, origin: str) -> dict[str, Price]:
         raise ConfigurationError(origin, f"not a valid price table: {exc}") from exc
 
 
-def _catalogue_from_json(raw: dict, origin: str) -> Catalogue:
+def _catalogue_from_json(raw: dict[str, Any], origin: str) -> Catalogue:
     try:
         retired = {name: Retirement(**entry, source=group.get("source"))
                    for group in raw.get("retired", []) for name, entry in group["models"].items()}

@@ -16,15 +16,18 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 from io import BytesIO
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
 
 from factory.errors import ObjectNotFound, StorageError
 
+T = TypeVar("T")
+
 if TYPE_CHECKING:
-    from prefect_aws import AwsCredentials
+    from prefect_aws import AwsCredentials, MinIOCredentials
 
 NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
 RETRY_FIRST_DELAY_S = 0.2
@@ -43,22 +46,23 @@ class S3Store:
     def __init__(self, block_name: str, retry_window_s: float) -> None:
         self.block_name = block_name
         self.retry_window_s = retry_window_s
-        self._credentials: AwsCredentials | None = None
+        self._credentials: AwsCredentials | MinIOCredentials | None = None
         self._clients: dict[int, object] = {}  # by attempt timeout, whole seconds
 
-    async def credentials(self) -> AwsCredentials:
+    async def credentials(self) -> AwsCredentials | MinIOCredentials:
         # prefect-aws (boto3, aiobotocore) takes ~0.9 s to import: only jobs that touch S3 pay for it.
         from prefect_aws import AwsCredentials
         from prefect_aws.s3 import S3Bucket
 
         if self._credentials is None:
             try:
-                self._credentials = (await S3Bucket.aload(self.block_name)).credentials
+                bucket: S3Bucket = await S3Bucket.aload(self.block_name)
+                self._credentials = bucket.credentials
             except ValueError:  # no such block: boto3's own environment variables apply
                 self._credentials = AwsCredentials()
         return self._credentials
 
-    async def client(self, attempt_s: int):
+    async def client(self, attempt_s: int) -> Any:  # a boto3 S3 client: boto3 ships no types
         """An S3 client whose connect and read timeouts add up to at most `attempt_s`, with no retries of its own.
 
         The block's own client parameters (endpoint, botocore config) are kept; only the timeouts and the
@@ -101,7 +105,7 @@ class S3Store:
         return await self._retrying(f"read s3://{bucket}/{key}",
                                     lambda client: client.get_object(Bucket=bucket, Key=key)["Body"].read())
 
-    async def _retrying(self, what: str, call):
+    async def _retrying(self, what: str, call: Callable[[Any], T]) -> T:
         from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
         deadline = time.monotonic() + self.retry_window_s

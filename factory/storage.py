@@ -59,9 +59,15 @@ class Location:
     def sibling(self, name: str) -> Location:
         if self.path is not None:
             return Location(ref=str(self.path.parent / name), path=self.path.parent / name)
-        parent = str(PurePosixPath(self.key).parent)
+        parent = str(PurePosixPath(self.key or "").parent)
         key = name if parent == "." else f"{parent}/{name}"
         return Location(ref=f"s3://{self.bucket}/{key}", bucket=self.bucket, key=key)
+
+    def s3_object(self) -> tuple[str, str]:
+        """The bucket and key of an S3 location."""
+        if self.bucket is None or self.key is None:
+            raise ValueError(f"{self.ref} is not an S3 object")
+        return self.bucket, self.key
 
     @property
     def name(self) -> str:
@@ -174,7 +180,8 @@ class Storage:
             await asyncio.to_thread(_atomic_write, location.path, data)
             return
         try:
-            await self.s3.write(location.bucket, location.key, data, content_type(location.key))
+            bucket, key = location.s3_object()
+            await self.s3.write(bucket, key, data, content_type(key))
         except StorageError as exc:
             spooled = self.spool_path(location)
             await asyncio.to_thread(_atomic_write, spooled, data)
@@ -182,7 +189,7 @@ class Storage:
 
     async def read(self, location: Location) -> bytes:
         if location.path is None:
-            return await self.s3.read(location.bucket, location.key)
+            return await self.s3.read(*location.s3_object())
         try:
             return await asyncio.to_thread(location.path.read_bytes)
         except FileNotFoundError as exc:

@@ -46,7 +46,8 @@ async def send_job_callback(flow_run: Any, state: Any, stop: StopReason, note: s
         logger.error("The job's callback could not be sent: %r", exc)
 
 
-async def _send(flow_run: Any, state: Any, params: dict, stop: StopReason, note: str | None, logger) -> None:
+async def _send(flow_run: Any, state: Any, params: dict[str, Any], stop: StopReason, note: str | None,
+                logger: Any) -> None:
     job_id = str(params.get("job_id") or flow_run.id)
     storage = get_storage()
     log = await _open_log(storage, job_id, params.get("log_ref"))
@@ -87,8 +88,9 @@ async def _open_log(storage: Storage, job_id: str, log_ref: str | None) -> Event
     return log if log.events else None
 
 
-async def _job_result(flow_run: Any, state: Any, storage: Storage, log: EventLog | None, run: list[dict],
-                      job_id: str, params: dict, stop: StopReason, note: str | None) -> JobResult:
+async def _job_result(flow_run: Any, state: Any, storage: Storage, log: EventLog | None,
+                      run: list[dict[str, Any]], job_id: str, params: dict[str, Any], stop: StopReason,
+                      note: str | None) -> JobResult:
     if state.is_completed():
         returned = await state.aresult(raise_on_failure=False)
         if isinstance(returned, JobResult):

@@ -12,7 +12,9 @@ import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from prefect.logging import get_run_logger
 
@@ -45,7 +47,7 @@ from tasks.retry import Allowance
 from tasks.store import store_artifact
 
 # Who wants to hear of each finished iteration in this context (the RunPod handler's progress_update).
-progress_listener: ContextVar[Callable[[dict], None] | None] = ContextVar("progress_listener", default=None)
+progress_listener: ContextVar[Callable[[dict[str, Any]], None] | None] = ContextVar("progress_listener", default=None)
 
 # What the event log says of each billed call at the end of its iteration.
 CALL_FIELDS = {"role", "model", "cost_usd", "usage_known", "failed"}
@@ -101,7 +103,8 @@ class JobRun:
             raise
         result = await self._finish(stop, started_at, error)
         if stop is StopReason.ERROR:
-            raise JobFailed(f"job {result.job_id} failed: {error.rstrip('.')}. Result: {self.plan.result_path.ref}; "
+            cause = (error or "no detail").rstrip(".")
+            raise JobFailed(f"job {result.job_id} failed: {cause}. Result: {self.plan.result_path.ref}; "
                             f"log: {self.plan.log_path.ref}")
         return result
 
@@ -206,8 +209,8 @@ class JobRun:
         except UnreadableVerdict as exc:
             return unparseable_verdict(f"{error}; after one repair: {exc}")
 
-    async def call(self, task, event: Event, n: int, role: str, model: ModelPlan, request,
-                    worst: Decimal | None = None, **extra):
+    async def call(self, task: Any, event: Event, n: int, role: str, model: ModelPlan, request: Any,
+                   worst: Decimal | None = None, **extra: Any) -> Any:
         """Make a call through its task, which checks each attempt's worst case against the budget and charges
         every billed attempt; the records of a result read from the cache (a re-run) are charged here.
 
@@ -225,7 +228,7 @@ class JobRun:
             self.budget.charge(record)
         return result
 
-    async def _finish(self, stop: StopReason, started_at, error: str | None) -> JobResult:
+    async def _finish(self, stop: StopReason, started_at: datetime, error: str | None) -> JobResult:
         result = self._result(stop, started_at, error)
         if stop in STOP_EVENTS:
             await self.log.emit(STOP_EVENTS[stop], stop_reason=stop.value, detail=error)
@@ -248,7 +251,7 @@ class JobRun:
         else:
             await get_storage().write(self.plan.result_path, data)
 
-    def _result(self, stop: StopReason, started_at, error: str | None) -> JobResult:
+    def _result(self, stop: StopReason, started_at: datetime, error: str | None) -> JobResult:
         functional = [i.number for i in self.iterations if not i.verdict.weaknesses and not i.verdict.parse_error]
         in_iterations = sum((i.cost for i in self.iterations), Decimal(0))
         best = max(self.iterations, key=lambda i: (i.verdict.converged, i.verdict.confidence, i.number), default=None)

@@ -48,6 +48,7 @@ async def make_media(run: JobRun, n: int, previous: Iteration | None) -> Made:
 
     plan = run.plan
     kind = plan.media_kind
+    assert kind is not None, "a media step runs only in a media job"
     settings = run.settings
     request = MediaRequest(kind=kind, model=plan.executor.api_name, prompt=media_prompt(plan.job.seed, previous),
                            width=settings.media_width, height=settings.media_height,
@@ -79,6 +80,8 @@ async def _transcribe(run: JobRun, n: int, request: MediaRequest, generated: Med
     from factory.media.openai import OpenAIMediaGenerator  # the SDK costs ~1 s to import: audio jobs only
 
     transcriber = run.plan.transcriber
+    assert transcriber is not None, "planned for every audio job"
     worst = transcriber.price.cost(OpenAIMediaGenerator.transcription_bound(facts.duration_s or 0))
-    return await run.call(transcribe_audio, Event.EXECUTOR_CALL, n, "transcriber", transcriber, request, worst,
-                           audio=generated.result)
+    transcribed: TranscriptCallResult = await run.call(transcribe_audio, Event.EXECUTOR_CALL, n, "transcriber",
+                                                       transcriber, request, worst, audio=generated.result)
+    return transcribed

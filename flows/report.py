@@ -19,6 +19,8 @@ import re
 import threading
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
+from typing import Any
+from uuid import UUID
 
 from prefect.artifacts import (
     acreate_image_artifact,
@@ -58,10 +60,10 @@ class JobReport:
         self.job_id = job_id
         self.function = function
         self.limits = limits
-        self.rows: list[dict] = []
-        self._progress_id = None
+        self.rows: list[dict[str, Any]] = []
+        self._progress_id: UUID | None = None
         self._queue: asyncio.Queue[Callable[[], Awaitable[object]] | None] = asyncio.Queue()
-        self._sender: asyncio.Task | None = None
+        self._sender: asyncio.Task[None] | None = None
 
     def _send(self, publish: Callable[[], Awaitable[object]]) -> None:
         if self._sender is None:
@@ -176,7 +178,7 @@ async def flush_events(timeout_s: float = EVENTS_FLUSH_TIMEOUT_S) -> None:
     def wait() -> None:  # a daemon thread: a queue that never empties must not keep the process alive
         worker.wait_until_empty()
         try:
-            loop.call_soon_threadsafe(lambda: sent.done() or sent.set_result(None))
+            loop.call_soon_threadsafe(lambda: None if sent.done() else sent.set_result(None))
         except RuntimeError:  # the loop is closed: nobody waits any more
             pass
 

@@ -24,6 +24,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import httpx
 from pydantic import SecretStr
@@ -65,7 +66,7 @@ class Attempt:
     def delivered(self) -> bool:
         return self.status_code is not None and 200 <= self.status_code < 300
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -197,7 +198,7 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 def _backoff(first_s: float, number: int, retry_after_s: float | None) -> float:
     backoff = min(MAX_BACKOFF_S, first_s * 2 ** (number - 1)) * random.uniform(0.5, 1.0)
-    return max(backoff, retry_after_s or 0.0)
+    return float(max(backoff, retry_after_s or 0.0))
 
 
 def _describe(exc: BaseException, limit: float) -> str:

@@ -19,7 +19,7 @@ from tasks.retry import Allowance, Call, with_retries
 
 C = TypeVar("C")
 # Provider clients hold connection pools bound to the event loop that made them: one set per loop.
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Callable, str, str], Any]] = (
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[Callable[..., Any], str, str], Any]] = (
     weakref.WeakKeyDictionary())
 
 
@@ -30,7 +30,8 @@ async def client_for(provider: str, make: Callable[[str, SecretStr | None], C]) 
     slot = (make, provider, key.get_secret_value() if key else "")
     if slot not in clients:
         clients[slot] = make(provider, key)
-    return clients[slot]
+    client: C = clients[slot]
+    return client
 
 
 class CallResult(StrictModel):

@@ -7,6 +7,8 @@ import asyncio
 import math
 import time
 from decimal import Decimal
+from typing import TYPE_CHECKING, cast
+from uuid import UUID
 
 from prefect import get_client, task
 from prefect.client.orchestration import PrefectClient
@@ -22,6 +24,9 @@ from factory.media.base import MediaFacts, Transcript
 from factory.models import CallRecord, StrictModel, Usage
 from factory.providers import ImagePart
 from factory.settings import get_settings
+
+if TYPE_CHECKING:  # the OpenAI SDK is imported only by jobs that use it
+    from factory.media.openai import OpenAIMediaGenerator
 from factory.storage import Location, get_storage
 from tasks.calls import call_cache_key, client_for
 from tasks.retry import Allowance, Call, with_retries
@@ -94,7 +99,7 @@ async def generate_media(job_id: str, iteration: int, role: str, provider: str, 
 async def transcribe_audio(job_id: str, iteration: int, role: str, provider: str, request: MediaRequest,
                            audio: MediaResult, allowance: Allowance) -> TranscriptCallResult:
     """Transcribe generated audio so the evaluator can judge what it says. `request` keys the cache."""
-    client = await client_for(provider, make_media_generator)  # OpenAI: the one transcriber
+    client = cast("OpenAIMediaGenerator", await client_for(provider, make_media_generator))  # the one transcriber
     model = get_settings().transcription_model
 
     async def attempt(timeout_s: float) -> tuple[Transcript, Usage]:
@@ -151,6 +156,7 @@ async def run_on_gpu(request: MediaRequest, timeout_s: float) -> MediaResult:
                                f"cancelled", billed=_gpu_usage(None, submitted)) from exc
         raise
     state = run.state
+    assert state is not None  # _finished returns a run in a final state
     # A run that never got to record its own times (a RunPod job that failed) is bounded by the wall time.
     billed = _gpu_usage(run if state.is_completed() else None, submitted)
     if state.is_failed():
@@ -173,7 +179,7 @@ def _gpu_usage(run: FlowRun | None, submitted: float) -> Usage:
     return Usage(gpu_seconds=Decimal(math.ceil(ran)))
 
 
-async def _finished(flow_run_id) -> FlowRun:
+async def _finished(flow_run_id: UUID) -> FlowRun:
     """The flow run once it is in a final state (with its start and end times)."""
     async with get_client() as client:
         while True:
@@ -183,7 +189,7 @@ async def _finished(flow_run_id) -> FlowRun:
             await asyncio.sleep(STATE_POLL_S)
 
 
-async def cancel_gpu_children(parent_flow_run_id) -> None:
+async def cancel_gpu_children(parent_flow_run_id: UUID) -> None:
     """Cancel the GPU runs a job left behind when it was cancelled or crashed."""
     async with get_client() as client:
         children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
@@ -192,7 +198,7 @@ async def cancel_gpu_children(parent_flow_run_id) -> None:
             await _cancel_run(client, run)
 
 
-async def _cancel(flow_run_id) -> None:
+async def _cancel(flow_run_id: UUID) -> None:
     async with get_client() as client:
         await _cancel_run(client, await client.read_flow_run(flow_run_id))
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
@@ -143,7 +143,7 @@ async def _wait_before_retry(exc: TransientProviderError, number: int, call: Cal
     await asyncio.sleep(wait)
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter:
+def _logger() -> logging.Logger | logging.LoggerAdapter[Any]:
     """The task run's logger (its lines show in the UI), or the module's outside a run."""
     try:
         return get_run_logger()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from prefect import Flow
 from prefect.bundles import BundleLauncher
@@ -40,14 +40,14 @@ class RunPodFlow(InfrastructureBoundFlow[P, R]):
     def with_options(self, **options: Any) -> RunPodFlow[P, R]:
         bound = super().with_options(**options)
         bound.__class__ = RunPodFlow
-        return bound
+        return cast(RunPodFlow[P, R], bound)
 
-    def __reduce__(self) -> tuple[Callable[..., RunPodFlow], tuple[str, str, Any, bool | None]]:
+    def __reduce__(self) -> tuple[Callable[..., RunPodFlow[Any, Any]], tuple[str, str, Any, bool | None]]:
         return _named_flow, (self.fn.__module__, self.fn.__name__, self.result_storage, self.persist_result)
 
 
-def _named_flow(module: str, name: str, result_storage: Any, persist_result: bool | None) -> RunPodFlow:
-    flow = getattr(importlib.import_module(module), name)
+def _named_flow(module: str, name: str, result_storage: Any, persist_result: bool | None) -> RunPodFlow[Any, Any]:
+    flow: RunPodFlow[Any, Any] = getattr(importlib.import_module(module), name)
     return flow.with_options(result_storage=result_storage, persist_result=persist_result)
 
 
@@ -79,6 +79,6 @@ def runpod(
             include_files_base_dir=include_files_base_dir,
         )
         bound.__class__ = RunPodFlow
-        return bound
+        return cast(RunPodFlow[P, R], bound)
 
     return decorator

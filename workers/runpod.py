@@ -103,13 +103,14 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
     _display_name = "RunPod"
 
     async def run(self, flow_run: FlowRun, configuration: RunPodJobConfiguration,
-                  task_status: anyio.abc.TaskStatus | None = None) -> RunPodWorkerResult:
+                  task_status: anyio.abc.TaskStatus[int] | None = None) -> RunPodWorkerResult:
         logger = self.get_flow_run_logger(flow_run)
         async with _client(configuration) as client:
             job_id = await _submit(client, configuration)
             logger.info("Submitted to RunPod endpoint %s as job %s", configuration.endpoint_id, job_id)
             if task_status is not None:
-                task_status.started(job_id)
+                # Prefect keeps the value as the run's infrastructure id; RunPod's is a string.
+                task_status.started(job_id)  # type: ignore[arg-type]
             status, cancelled_here = await self._wait(client, configuration, job_id, flow_run, logger)
         if cancelled_here:
             current = await self.client.read_flow_run(flow_run.id)
@@ -135,7 +136,7 @@ class RunPodWorker(BaseWorker[RunPodJobConfiguration, RunPodVariables, RunPodWor
         self.get_flow_run_logger(flow_run).info("Reported flow run '%s' as failed: %s", flow_run.id, end.message)
 
     async def _wait(self, client: httpx.AsyncClient, configuration: RunPodJobConfiguration, job_id: str,
-                    flow_run: FlowRun, logger: LoggerAdapter) -> tuple[dict[str, Any], bool]:
+                    flow_run: FlowRun, logger: LoggerAdapter[Any]) -> tuple[dict[str, Any], bool]:
         """Poll until the job ends; cancel it once its flow run is cancelled in Prefect.
 
         Returns the final status and whether this worker cancelled the job. Prefect itself only cancels
@@ -214,7 +215,7 @@ async def _poll(client: httpx.AsyncClient, configuration: RunPodJobConfiguration
 
 
 async def _cancel(client: httpx.AsyncClient, configuration: RunPodJobConfiguration, job_id: str,
-                  logger: LoggerAdapter) -> bool:
+                  logger: LoggerAdapter[Any]) -> bool:
     """Ask RunPod to cancel the job; False when that failed in a way worth trying again at the next poll."""
     try:
         response = await client.post(f"/{configuration.endpoint_id}/cancel/{job_id}")

@@ -83,7 +83,8 @@ def _load(model: str) -> _Loaded:
             dtype = torch.float16 if device == "cuda" else torch.float32
             started = time.monotonic()
             try:
-                pipe = DiffusionPipeline.from_pretrained(key, local_files_only=True, **{_DTYPE_KWARG: dtype})
+                pipe = DiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]  # diffusers leaves it bare
+                    key, local_files_only=True, **{_DTYPE_KWARG: dtype})
             except (OSError, ValueError) as exc:
                 raise ProviderRequestError(model, f"could not load the diffusers pipeline at {path}: {exc}") from exc
             pipe.to(device)
@@ -225,7 +226,7 @@ def _generate_blocking(request: MediaRequest, deadline: float) -> MediaResult:
         kwargs = _call_kwargs(loaded, request)
         started = time.monotonic()
         try:
-            output = loaded.pipe(**kwargs)
+            output = loaded.pipe(**kwargs)  # type: ignore[operator]  # each pipeline class defines __call__
         except ValueError as exc:  # the pipeline's own input checks (sizes, lengths)
             raise ProviderRequestError(request.model, f"the pipeline rejected the request: {exc}") from exc
         elapsed = time.monotonic() - started

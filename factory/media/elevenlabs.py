@@ -17,8 +17,9 @@ from pydantic import SecretStr
 
 from factory.errors import ProviderAuthError, ProviderRequestError, TransientProviderError
 from factory.media.base import MediaGenerator, MediaKind, MediaRequest, MediaResult
-from factory.media.http import MALFORMED, deadline, media_body, send
+from factory.media.http import deadline, media_body, send
 from factory.models import Usage
+from factory.providers.base import MALFORMED
 from factory.settings import get_settings
 
 # "Rachel": a premade voice every account has had since 2023, so a request without a voice works anywhere.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from pydantic import Field, SecretStr
@@ -34,6 +34,7 @@ SIZE_STEP = 64
 PENDING = frozenset({"IN_QUEUE", "IN_PROGRESS"})
 
 T = TypeVar("T")
+ReplyT = TypeVar("ReplyT", bound=Reply)
 
 
 class _File(Reply):
@@ -94,8 +95,8 @@ class FalGenerator(MediaGenerator):
         return Usage(images=1, megapixels=_megapixels(width, height))
 
     async def _image(self, request: MediaRequest, timeout_s: float) -> MediaResult:
-        body: dict = {"prompt": request.prompt, "image_size": {"width": request.width, "height": request.height},
-                      "num_images": 1, "output_format": "png"}
+        size = {"width": request.width, "height": request.height}
+        body: dict[str, Any] = {"prompt": request.prompt, "image_size": size, "num_images": 1, "output_format": "png"}
         if request.seed is not None:
             body["seed"] = request.seed
         url = f"{get_settings().fal_url.rstrip('/')}/{request.model}"
@@ -163,7 +164,7 @@ class FalGenerator(MediaGenerator):
                 await asyncio.sleep(max(self._poll_interval_s, exc.retry_after_s or 0.0))
         return await read()
 
-    async def _read(self, url: str, shape: type[T], model: str, timeout_s: float) -> T:
+    async def _read(self, url: str, shape: type[ReplyT], model: str, timeout_s: float) -> ReplyT:
         return parse(await self._call("GET", url, model, timeout_s), shape, model)
 
     async def _cancel(self, queued: _Queued, model: str) -> None:
@@ -175,7 +176,7 @@ class FalGenerator(MediaGenerator):
         except ProviderError:
             pass  # the timeout being reported matters more than the cancel
 
-    async def _call(self, method: str, url: str, model: str, timeout_s: float, **kwargs) -> httpx.Response:
+    async def _call(self, method: str, url: str, model: str, timeout_s: float, **kwargs: Any) -> httpx.Response:
         return await send(self._client, method, url, model=model, timeout_s=timeout_s, headers=self._auth, **kwargs)
 
 

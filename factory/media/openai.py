@@ -15,6 +15,7 @@ import json
 import math
 import mimetypes
 from decimal import Decimal
+from typing import Any
 
 import openai
 import pydantic
@@ -22,9 +23,9 @@ from pydantic import SecretStr
 
 from factory.errors import ProviderRequestError, TransientProviderError
 from factory.media.base import MediaGenerator, MediaKind, MediaRequest, MediaResult, Transcript
-from factory.media.http import MALFORMED, media_body
+from factory.media.http import media_body
 from factory.models import Usage
-from factory.providers.base import translate_sdk_error
+from factory.providers.base import MALFORMED, translate_sdk_error
 
 DEFAULT_VOICE = "alloy"
 # A prompt's text tokens never outnumber its UTF-8 bytes; the rest is the request's framing, counted generously.
@@ -94,8 +95,8 @@ class OpenAIMediaGenerator(MediaGenerator):
         return Usage(media_seconds=Decimal(math.ceil(duration_s) + TRANSCRIPTION_SLACK_S))
 
     async def _image(self, request: MediaRequest, timeout_s: float) -> MediaResult:
-        kwargs: dict = {"model": request.model, "prompt": request.prompt, "size": f"{request.width}x{request.height}",
-                        "n": 1}
+        size = f"{request.width}x{request.height}"
+        kwargs: dict[str, Any] = {"model": request.model, "prompt": request.prompt, "size": size, "n": 1}
         if request.model.startswith("dall-e-"):
             kwargs["response_format"] = "b64_json"  # DALL-E answers with a URL unless asked; gpt-image-* refuses it
         try:
@@ -127,7 +128,8 @@ class OpenAIMediaGenerator(MediaGenerator):
             raise translate_sdk_error(exc, request.model, openai) from exc
         usage = Usage(characters=len(request.prompt))
         try:
-            data, _ = media_body(speech.response, request.model)
+            # The SDK's response is its vendored httpx's Response: the same interface, another class.
+            data, _ = media_body(speech.response, request.model)  # type: ignore[arg-type]
         except TransientProviderError as exc:  # speech is billed per input character, whatever came back
             raise TransientProviderError(request.model, str(exc), billed=usage) from exc
         return MediaResult(data=data, media_type="audio/mpeg", usage=usage, model=request.model)

@@ -78,7 +78,7 @@ def probe(data: bytes, media_type: str) -> MediaFacts:
 
 def _read_av(data: bytes, media_type: str, read: Callable[[av.container.InputContainer], T]) -> T:
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with av.open(io.BytesIO(data), mode="r") as container:
             return read(container)
     except av.FFmpegError as exc:  # raised by open, demux and decode alike
         raise UnreadableMedia(media_type, str(exc)) from exc
@@ -93,7 +93,7 @@ def _probe_av(container: av.container.InputContainer, kind: MediaKind, media_typ
     facts: dict[str, Any] = {"media_type": media_type, "size_bytes": size}
     if video is not None:
         rate = video.average_rate or video.guessed_rate
-        seconds = (video.duration * video.time_base if video.duration
+        seconds = (video.duration * video.time_base if video.duration and video.time_base
                    else container.duration and container.duration / av.time_base)  # None when unknown
         facts |= {"format": video.codec_context.codec.canonical_name, "width": video.width,
                   "height": video.height, "duration_s": round(float(seconds), 2) if seconds else None,
@@ -156,7 +156,7 @@ def _sample_frames(container: av.container.InputContainer, count: int, max_side:
     pngs = []
     for index, frame in enumerate(container.decode(stream)):
         if index in wanted:
-            image = frame.to_image()
+            image = frame.to_image()  # type: ignore[no-untyped-call]  # PyAV leaves it unannotated
             image.thumbnail((max_side, max_side))  # keeps the aspect ratio, never enlarges
             pngs.append(_encode(image, "PNG"))
     return pngs
@@ -215,10 +215,11 @@ def facts_text(facts: MediaFacts) -> str:
     stream = [f.format, f.fps and f"{f.fps:g} fps", f.frame_count is not None and f"{f.frame_count} frames",
               f.sample_rate and f"{'audio ' if f.frame_count is not None else ''}{f.sample_rate} Hz",
               f.channels and f"{f.channels} channel{'' if f.channels == 1 else 's'}"]
-    lines = [f"format: {', '.join(filter(None, stream))}", f"file: {f.media_type}, {f.size_bytes} bytes",
+    shown = ", ".join(s for s in stream if isinstance(s, str) and s)
+    lines: list[str | None | bool] = [f"format: {shown}", f"file: {f.media_type}, {f.size_bytes} bytes",
              f.width is not None and f"size: {f.width}x{f.height} px",
              f.duration_s is not None and f"duration: {f.duration_s:.2f} s"]
     if f.loudness_dbfs is not None and f.peak_dbfs is not None:
         lines.append(f"loudness: silent (below {SILENCE_DBFS:g} dBFS)" if f.peak_dbfs <= SILENCE_DBFS
                      else f"loudness: {f.loudness_dbfs:.1f} dBFS RMS, peak {f.peak_dbfs:.1f} dBFS")
-    return "\n".join(filter(None, lines))
+    return "\n".join(line for line in lines if isinstance(line, str))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import anthropic
 import pydantic
@@ -29,7 +30,7 @@ class AnthropicProvider(Provider):
         await self._client.close()
 
     async def complete(self, request: ChatRequest, *, timeout_s: float) -> ChatReply:
-        kwargs: dict = {
+        kwargs: dict[str, Any] = {
             "model": request.model,
             "max_tokens": request.max_tokens,
             "system": request.system,
@@ -50,7 +51,7 @@ class AnthropicProvider(Provider):
         return _reply(message, request)
 
 
-def _content(message: Message) -> str | list[dict]:
+def _content(message: Message) -> str | list[dict[str, Any]]:
     if isinstance(message.content, str):
         return message.content
     return [{"type": "image", "source": {"type": "base64", "media_type": p.media_type, "data": p.data}}

@@ -8,6 +8,7 @@ configured price.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import openai
 import pydantic
@@ -36,7 +37,7 @@ class OpenAIProvider(Provider):
     async def complete(self, request: ChatRequest, *, timeout_s: float) -> ChatReply:
         messages = [{"role": "system", "content": request.system},
                     *({"role": m.role, "content": _content(m)} for m in request.messages)]
-        kwargs: dict = {"model": request.model, "messages": messages}
+        kwargs: dict[str, Any] = {"model": request.model, "messages": messages}
         kwargs["max_tokens" if self._compatible else "max_completion_tokens"] = request.max_tokens
         if request.response_schema is not None:
             kwargs["response_format"] = {
@@ -50,14 +51,14 @@ class OpenAIProvider(Provider):
         return _reply(completion, request)
 
 
-def _content(message: Message) -> str | list[dict]:
+def _content(message: Message) -> str | list[dict[str, Any]]:
     if isinstance(message.content, str):
         return message.content
     return [{"type": "image_url", "image_url": {"url": f"data:{p.media_type};base64,{p.data}"}}
             if isinstance(p, ImagePart) else {"type": "text", "text": p.text} for p in message.content]
 
 
-def _reply(completion, request: ChatRequest) -> ChatReply:
+def _reply(completion: Any, request: ChatRequest) -> ChatReply:
     # The SDK builds replies without validating them: a 200 body may lack what the API documents.
     raw_usage = getattr(completion, "usage", None)
     usage = _usage(raw_usage) if raw_usage is not None else None
@@ -80,7 +81,7 @@ def _reply(completion, request: ChatRequest) -> ChatReply:
                      stop_reason=getattr(choice, "finish_reason", None))
 
 
-def _usage(usage) -> Usage:
+def _usage(usage: Any) -> Usage:
     """Billed tokens: `completion_tokens` whole (it includes a reasoning model's reasoning tokens), cached prompt
     tokens at the cache-read price, prompt tokens written to the cache at the cache-write price."""
     details = getattr(usage, "prompt_tokens_details", None)
