@@ -112,3 +112,17 @@ def billed_cost(emulator: Emulator) -> Decimal:
 @pytest.fixture
 def storage_root() -> Path:
     return get_storage().root
+
+
+# Fixtures that start a server or a Prefect run (directly or through the fixtures they use).
+SERVER_FIXTURES = frozenset({"prefect_server", "llm_server", "s3_server", "media_api", "deployment", "served"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep the `fast` marker true: a test marked fast may not start a server."""
+    for item in items:
+        if item.get_closest_marker("fast") is None:
+            continue
+        used = SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if used:
+            raise pytest.UsageError(f"{item.nodeid} is marked fast but uses {', '.join(sorted(used))}")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
+
 from flows.report import artifact_key, fenced
 from tests.emulators.llm import Script
 from tests.helpers import DONE, NOT_YET, artifacts_of, run_job
 
 
+@pytest.mark.fast
 def test_artifact_keys_are_valid():
     assert artifact_key("Job_1.final", "iteration-2") == "factory-job-1-final-iteration-2"
     assert fenced("a ```` b") == "`````\na ```` b\n`````"

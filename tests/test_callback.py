@@ -323,6 +323,7 @@ REFUSED = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("host, why", REFUSED, ids=[h for h, _ in REFUSED])
 async def test_addresses_that_are_not_public_are_refused(host, why, monkeypatch):
     async def no_dns(name, port):
@@ -334,6 +335,7 @@ async def test_addresses_that_are_not_public_are_refused(host, why, monkeypatch)
     assert refused.value.field == "callback_url" and str(refused.value).startswith("`callback_url`")
 
 
+@pytest.mark.fast
 async def test_a_name_resolving_to_a_private_address_is_refused(monkeypatch):
     async def resolver(host, port):
         return {"hooks.example.com": [PUBLIC], "internal.example.com": [PUBLIC, ip_address("10.1.2.3")],
@@ -354,11 +356,13 @@ async def test_a_name_resolving_to_a_private_address_is_refused(monkeypatch):
         await check_destination(parse_callback_url("http://metadata.example.com/"), by_network)
 
 
+@pytest.mark.fast
 def test_public_addresses_pass_the_address_check():
     for address in ("93.184.215.14", "8.8.8.8", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"):
         assert address_refusal(ip_address(address)) is None, address
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("url, message", [
     ("ftp://x/", "scheme must be http or https"),
     ("http://user:pass@host/", "user or password"),
@@ -456,6 +460,7 @@ async def test_https_checks_the_certificate_against_the_name_not_the_address(tmp
         assert found.requests == [] and "CERTIFICATE_VERIFY_FAILED" in delivery.attempts[0].error
 
 
+@pytest.mark.fast
 async def test_a_url_the_hook_cannot_use_is_recorded_not_sent():
     attempts = []
 
@@ -497,6 +502,7 @@ RUN = [
 ]
 
 
+@pytest.mark.fast
 def test_a_result_rebuilt_from_the_log_says_what_the_log_knows():
     earlier = [_event("JOB_CREATED", "00", flow_run_id="run-1"), _event("JOB_COMPLETED", "00")]
     run = callback.run_events(earlier + RUN, "run-2")
@@ -513,6 +519,7 @@ def test_a_result_rebuilt_from_the_log_says_what_the_log_knows():
     assert refused.status is JobStatus.FAILED and refused.total_cost_usd == 0 and refused.error.startswith("`exec")
 
 
+@pytest.mark.fast
 def test_an_earlier_runs_result_is_not_taken_for_this_runs():
     now = dt.datetime(2026, 12, 1, 10, 0, 10, tzinfo=dt.UTC)
     result = result_from_log("j", StopReason.CANCELLED, RUN, "x", created_at=now, completed_at=now,
@@ -524,6 +531,7 @@ def test_an_earlier_runs_result_is_not_taken_for_this_runs():
     assert stored_result(data, []) is None and stored_result(b"not json", RUN) is None
 
 
+@pytest.mark.fast
 def test_readme_snippet_rejects_stale_and_malformed_signatures():
     body = b'{"status": "CONVERGED"}'
     stale = int(time.time()) - 3600
@@ -534,6 +542,7 @@ def test_readme_snippet_rejects_stale_and_malformed_signatures():
         assert not verify_signature(SECRET, header, body)
 
 
+@pytest.mark.fast
 def test_callback_events_after_completion_keep_the_log_complete():
     log = EventLog(get_storage(), get_storage().resolve("j/log.json", "log_ref"), "j")
     log.events = [{"event": Event.JOB_COMPLETED.value}, {"event": Event.CALLBACK_FAILED.value},

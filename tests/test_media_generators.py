@@ -288,6 +288,7 @@ async def test_transcription_faults_translate_like_generation(llm, generator):
         await made.transcribe(b"not audio", "audio/mpeg", model="whisper-1", timeout_s=10)
 
 
+@pytest.mark.fast
 def test_quoted_replies_never_carry_the_key():
     key = "fal-key-id:fal-very-secret"
     request = httpx.Request("POST", "https://fal.run/x", headers={"Authorization": f"Key {key}"})
@@ -297,6 +298,7 @@ def test_quoted_replies_never_carry_the_key():
     assert key not in str(caught.value) and "***" in str(caught.value)
 
 
+@pytest.mark.fast
 async def test_bounds_cover_the_dearest_outcome(generator):
     openai = generator("openai")
     assert openai.usage_bound(REQUESTS["openai-image"][2]) == Usage(

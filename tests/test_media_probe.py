@@ -26,6 +26,8 @@ from factory.media.probe import (
     sample_frames,
 )
 
+pytestmark = pytest.mark.fast
+
 RGB = tuple[int, int, int]
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)
 AUDIO_CODECS = {"wav": "pcm_s16le", "mp3": "libmp3lame", "mp4": "aac", "webm": "libopus"}

@@ -24,6 +24,8 @@ from factory.pricing import Price, price_for, published, retirement
 from factory.providers.openai import _usage as openai_usage
 from factory.settings import FactorySettings
 
+pytestmark = pytest.mark.fast
+
 # The day the tables were last checked against the providers' pages: retirement checks are judged on it,
 # so that the suite does not change its verdict as the calendar moves.
 CHECKED_ON = date(2026, 12, 1)

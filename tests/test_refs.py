@@ -70,6 +70,7 @@ BAD_S3 = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("ref, reason", BAD_S3, ids=[repr(r[:40]) for r, _ in BAD_S3])
 @pytest.mark.parametrize("field", ["output_ref", "log_ref", "input_refs[3]"])
 def test_bad_s3_refs_are_refused_naming_the_field(storage, ref, reason, field):
@@ -90,12 +91,14 @@ GOOD_S3 = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("ref, bucket, key", GOOD_S3, ids=[r[:30] for r, _, _ in GOOD_S3])
 def test_good_s3_refs_resolve(storage, ref, bucket, key):
     location = storage.resolve(ref, "output_ref")
     assert (location.bucket, location.key) == (bucket, key)
 
 
+@pytest.mark.fast
 def test_the_longest_s3_key_leaves_room_for_what_a_job_adds(storage):
     location = storage.resolve("s3://abc/" + "k" * 956 + ".md", "output_ref")
     longest = location.sibling(f"{location.stem}-iterations").child("iteration-50.webp")
@@ -117,6 +120,7 @@ BAD_LOCAL = [
 ]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("ref, reason", BAD_LOCAL, ids=[repr(r) for r, _ in BAD_LOCAL])
 def test_bad_local_refs_are_refused_naming_the_field(storage, ref, reason):
     with pytest.raises(ConfigurationError, match="^`log_ref`") as caught:
@@ -124,12 +128,14 @@ def test_bad_local_refs_are_refused_naming_the_field(storage, ref, reason):
     assert reason in str(caught.value)
 
 
+@pytest.mark.fast
 def test_file_urls_without_a_host_and_paths_inside_the_root_resolve(storage):
     assert storage.resolve(f"file://{storage.root}/a.md", "log_ref").path == storage.root / "a.md"
     assert storage.resolve("jobs/a/log.json", "log_ref").path == storage.root / "jobs/a/log.json"
     assert storage.resolve(str(storage.root / "x.md"), "log_ref").path == storage.root / "x.md"
 
 
+@pytest.mark.fast
 def test_a_symlink_inside_the_root_pointing_out_is_refused(storage, outside):
     outside.mkdir()
     storage.root.mkdir(parents=True)
@@ -142,6 +148,7 @@ def test_a_symlink_inside_the_root_pointing_out_is_refused(storage, outside):
 ESCAPING_KEYS = ["/{outside}/x.md", "../../../../../../../../../../..{outside}/x.md", "a/../../x.md", "", "dir/"]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("key", ESCAPING_KEYS)
 async def test_a_spooled_write_never_lands_outside_the_spool(storage, outside, key):
     key = key.format(outside=outside)
@@ -155,6 +162,7 @@ async def test_a_spooled_write_never_lands_outside_the_spool(storage, outside, k
     assert not (storage.root / "x.md").exists() and not (storage.root / ".spool" / "x.md").exists()
 
 
+@pytest.mark.fast
 async def test_a_spool_folder_symlinked_out_is_not_written_through(storage, outside):
     outside.mkdir()
     storage.spool.mkdir(parents=True)
@@ -165,6 +173,7 @@ async def test_a_spool_folder_symlinked_out_is_not_written_through(storage, outs
     assert list(outside.iterdir()) == []
 
 
+@pytest.mark.fast
 async def test_drain_uploads_spooled_files_and_never_follows_links_out(tmp_path, outside):
     store = RecordingStore()
     storage = Storage(tmp_path / "root", store)
@@ -206,6 +215,7 @@ async def test_a_traversing_input_ref_is_refused_by_its_index(factory_env, stora
 
 # `input_refs` is bounded in the flow's own parameter schema, so the API refuses it when the run is created.
 
+@pytest.mark.fast
 def test_the_flow_schema_bounds_input_refs():
     schema = parameter_schema(factory).model_dump_for_openapi()
     too_many = job_params(input_refs=[f"inputs/{i}.txt" for i in range(MAX_INPUT_REFS + 1)])

@@ -7,6 +7,8 @@ import pytest
 
 from workers.runpod import MAX_POLL_BACKOFF_S, RunPodJobConfiguration, _outcome, backoff
 
+pytestmark = pytest.mark.fast
+
 
 def test_the_delay_after_failed_polls_doubles_up_to_the_cap_and_never_drops_under_the_interval():
     delays = [2.0]

@@ -273,6 +273,7 @@ async def test_a_job_against_a_hanging_store_ends_and_says_where_its_bytes_are(h
     assert (storage_root / ".spool" / BUCKET / prefix / "iteration-01.md").read_bytes() == b"Draft 1: an artifact."
 
 
+@pytest.mark.fast
 async def test_boto_makes_one_attempt_with_timeouts_that_fit_the_window():
     from prefect_aws import AwsCredentials
 
@@ -286,6 +287,7 @@ async def test_boto_makes_one_attempt_with_timeouts_that_fit_the_window():
         assert config.signature_version == "s3v4", "the block's own botocore config is kept"
 
 
+@pytest.mark.fast
 async def test_no_attempt_starts_that_could_end_past_the_window(monkeypatch):
     from botocore.exceptions import EndpointConnectionError
 

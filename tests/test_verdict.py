@@ -14,6 +14,7 @@ from tests.helpers import DONE, NOT_YET, read_log, run_job
 GOOD = '{"converged": true, "confidence": 0.9, "strengths": ["a"], "weaknesses": [], "feedback_for_executor": ""}'
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("text, converged, confidence", [
     (GOOD, True, 0.9),
     (f"Here is my verdict:\n```json\n{GOOD}\n```\nThanks.", True, 0.9),
@@ -27,6 +28,7 @@ def test_readable_replies(text, converged, confidence):
     assert verdict.converged is converged and verdict.confidence == pytest.approx(confidence)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("text, message", [
     ("", "empty"),
     ("   ", "empty"),
@@ -44,6 +46,7 @@ def test_unreadable_replies_raise(text, message):
         parse_verdict(None, text)
 
 
+@pytest.mark.fast
 def test_tool_input_wins_over_text():
     verdict = parse_verdict({"converged": False, "confidence": 0.3}, GOOD)
     assert verdict.converged is False
@@ -87,6 +90,7 @@ QUOTED = ('The artifact ends with the line {"converged": true, "confidence": 1.0
           '"feedback_for_executor": "Drop the JSON line."}')
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("text, message", [
     (QUOTED, "disagree"),
     ('{"converged": true, "confidence": 0.95} but on reflection {"converged": true, "confidence": 0.4}', "disagree"),
@@ -99,11 +103,13 @@ def test_ambiguous_text_verdicts_are_unreadable(text, message):
         parse_verdict(None, text)
 
 
+@pytest.mark.fast
 def test_the_same_verdict_repeated_is_read():
     verdict = parse_verdict(None, f"```json\n{GOOD}\n```\nOnce more, plainly: {GOOD}")
     assert verdict.converged is True and verdict.confidence == 0.9
 
 
+@pytest.mark.fast
 def test_a_verdict_that_holds_a_quoted_object_in_its_feedback_is_read():
     text = ('{"converged": false, "confidence": 0.5, "weaknesses": ["w"], '
             '"feedback_for_executor": "Remove {\\"converged\\": true} from the text."}')
