@@ -40,4 +40,5 @@ def render(function: FunctionType, reply: str) -> tuple[str, str]:
 
 
 def sha256(data: bytes) -> str:
+    """The hex SHA-256 of an artifact's bytes: its `artifact_hash`."""
     return hashlib.sha256(data).hexdigest()

@@ -30,6 +30,7 @@ class Budget:
 
     @property
     def left(self) -> Decimal:
+        """What may still be spent: the limit less what was charged."""
         return self.limit - self.spent
 
     def check(self, worst_case: Decimal, what: str) -> None:
@@ -46,6 +47,7 @@ class Budget:
         self.spent += record.cost_usd
 
     def records_of(self, iteration: int) -> list[CallRecord]:
+        """The calls charged to iteration `iteration`, in the order they were charged."""
         return [r for r in self.records if r.iteration == iteration]
 
     def spent_on(self, iteration: int, role_prefix: str = "") -> Decimal:

@@ -54,6 +54,8 @@ class CallbackUnresolved(FactoryError):
 
 @dataclass(frozen=True)
 class CallbackTarget:
+    """A parsed `callback_url`: the URL (without its fragment), and the host and port it connects to."""
+
     url: httpx.URL
     host: str  # as DNS and the allow list see it: lowercase, IDNA-encoded, IPv6 without brackets
     port: int
@@ -108,6 +110,7 @@ class AllowList:
 
     @classmethod
     def parse(cls, text: str) -> AllowList:
+        """The allow list from its comma-separated form: IPs and CIDR networks become networks, the rest host names."""
         names, networks = set(), []
         for entry in (e.strip().lower().strip("[]").rstrip(".") for e in text.split(",")):
             if not entry:
@@ -119,6 +122,7 @@ class AllowList:
         return cls(frozenset(names), tuple(networks))
 
     def covers(self, address: IPAddress) -> bool:
+        """Whether a listed network holds `address` (an IPv4-mapped IPv6 address is judged as its IPv4 address)."""
         if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped  # the IPv4 address it is, for an IPv4 entry
         return any(address.version == network.version and address in network for network in self.networks)

@@ -19,6 +19,16 @@ AFTER_COMPLETION = frozenset({Event.CALLBACK_SENT.value, Event.CALLBACK_FAILED.v
 
 
 class EventLog:
+    """One job's event log: its events in memory, written whole to `location` after each one.
+
+    The flow (flows/job.py) opens it with `open` once the job is planned, before its first event, and
+    hands it to the loop (`JobRun`, flows/loop.py), which emits an event at every step and ends with
+    JOB_COMPLETED. The state hooks (flows/hooks.py, flows/callback.py) reopen it after the run, to close a
+    log a cancel or crash left open and to record the callback. A re-run with the same job_id continues
+    the same log. Once a write has been spooled (`spooled` holds why), every later write goes straight
+    to the spool.
+    """
+
     def __init__(self, storage: Storage, location: Location, job_id: str) -> None:
         self.storage = storage
         self.location = location
@@ -40,14 +50,22 @@ class EventLog:
 
     @property
     def completed(self) -> bool:
+        """Whether the last event, callback events aside, is JOB_COMPLETED: the job's log is closed."""
         last = next((e["event"] for e in reversed(self.events) if e["event"] not in AFTER_COMPLETION), None)
         return last == Event.JOB_COMPLETED.value
 
     async def emit(self, event: Event, **data: Any) -> None:
+        """Append `event`, timestamped now with `data` as its fields, and rewrite the log."""
         self.events.append({"timestamp": utcnow().isoformat(), "event": event.value, "data": data})
         await self.flush()
 
     async def flush(self) -> None:
+        """Rewrite the whole log.
+
+        Raises:
+            StorageSpooled: the first write S3 did not take (the log is safe in the spool; later writes go there).
+            StorageError: the write failed and nothing was written.
+        """
         # Compact JSON: the C encoder, ~10x faster than indent=2 on a log rewritten at every event.
         body = json.dumps({"job_id": self.job_id, "events": self.events}, default=str).encode()
         if self.spooled is not None:

@@ -50,6 +50,7 @@ class S3Store:
         self._clients: dict[int, object] = {}  # by attempt timeout, whole seconds
 
     async def credentials(self) -> AwsCredentials | MinIOCredentials:
+        """The `S3Bucket` block's credentials, else boto3's environment; loaded once."""
         # prefect-aws (boto3, aiobotocore) takes ~0.9 s to import: only jobs that touch S3 pay for it.
         from prefect_aws import AwsCredentials
         from prefect_aws.s3 import S3Bucket

@@ -51,12 +51,14 @@ class Location:
     key: str | None = None
 
     def child(self, name: str) -> Location:
+        """The location `name` inside this one."""
         if self.path is not None:
             return Location(ref=str(self.path / name), path=self.path / name)
         key = f"{self.key.rstrip('/')}/{name}" if self.key else name
         return Location(ref=f"s3://{self.bucket}/{key}", bucket=self.bucket, key=key)
 
     def sibling(self, name: str) -> Location:
+        """The location `name` beside this one, in the same folder."""
         if self.path is not None:
             return Location(ref=str(self.path.parent / name), path=self.path.parent / name)
         parent = str(PurePosixPath(self.key or "").parent)
@@ -71,18 +73,22 @@ class Location:
 
     @property
     def name(self) -> str:
+        """The last segment of the path or key."""
         return PurePosixPath(self.path.name if self.path else self.key or "").name
 
     @property
     def suffix(self) -> str:
+        """The last segment's extension (`.json`), or ''."""
         return PurePosixPath(self.path.name if self.path else self.key or "").suffix
 
     @property
     def stem(self) -> str:
+        """The last segment without its extension."""
         return PurePosixPath(self.path.name if self.path else self.key or "").stem
 
 
 def content_type(name: str) -> str:
+    """The Content-Type an object is stored with, from its name's extension."""
     suffix = PurePosixPath(name).suffix
     return CONTENT_TYPES.get(suffix) or mimetypes.guess_type(name)[0] or "application/octet-stream"
 
@@ -188,6 +194,12 @@ class Storage:
             raise StorageSpooled(location.ref, spooled, str(exc)) from exc
 
     async def read(self, location: Location) -> bytes:
+        """Read the whole object.
+
+        Raises:
+            ObjectNotFound: it does not exist.
+            StorageError: it cannot be read, or S3 stayed unreachable.
+        """
         if location.path is None:
             return await self.s3.read(*location.s3_object())
         try:

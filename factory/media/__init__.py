@@ -65,6 +65,7 @@ def media_api_model(model: str) -> str:
 
 
 def make_media_generator(provider: str, api_key: SecretStr | None) -> MediaGenerator:
+    """The generator for a provider `media_provider_name` returned, its SDK or pipeline imported only now."""
     # Imported on first use: the heavy ones (torch, diffusers) only exist in the GPU image.
     if provider == "fal":
         from factory.media.fal import FalGenerator

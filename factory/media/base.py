@@ -15,6 +15,8 @@ from factory.models import FunctionType, StrictModel, Usage
 
 
 class MediaKind(StrEnum):
+    """The kind of media a job generates, from its function (`MEDIA_FUNCTIONS`)."""
+
     IMAGE = "image"
     AUDIO = "audio"
     VIDEO = "video"

@@ -267,4 +267,5 @@ class DiffusersGenerator(MediaGenerator):
                                          billed_unknown=True) from exc
 
     def usage_bound(self, request: MediaRequest) -> Usage:
+        """`FACTORY_GPU_TIMEOUT_S` of GPU time: the longest one generation may run."""
         return Usage(gpu_seconds=Decimal(get_settings().gpu_timeout_s))

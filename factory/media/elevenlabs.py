@@ -38,9 +38,11 @@ class ElevenLabsGenerator(MediaGenerator):
         self._client = httpx.AsyncClient(headers=headers)
 
     async def aclose(self) -> None:
+        """Close the HTTP client."""
         await self._client.aclose()
 
     async def generate(self, request: MediaRequest, *, timeout_s: float) -> MediaResult:
+        """Speech of `request.prompt` as MP3, in `request.voice` (else a premade voice); no images or video."""
         if request.kind is not MediaKind.AUDIO:
             raise ProviderRequestError(request.model, f"ElevenLabs makes speech, not {request.kind.value}.")
         if not self._has_key:
@@ -60,6 +62,7 @@ class ElevenLabsGenerator(MediaGenerator):
         return MediaResult(data=data, media_type="audio/mpeg", usage=usage, model=request.model)
 
     def usage_bound(self, request: MediaRequest) -> Usage:
+        """One character billed per character of the prompt."""
         return Usage(characters=len(request.prompt))
 
 

@@ -75,9 +75,11 @@ class FalGenerator(MediaGenerator):
         self._client = httpx.AsyncClient(follow_redirects=True)
 
     async def aclose(self) -> None:
+        """Close the HTTP client."""
         await self._client.aclose()
 
     async def generate(self, request: MediaRequest, *, timeout_s: float) -> MediaResult:
+        """An image (synchronous endpoint) or a video (queued and polled) from the fal endpoint `request.model`."""
         if request.kind is MediaKind.AUDIO:
             raise ProviderRequestError(request.model, "fal makes images and video here, not audio; use e.g. "
                                                       "'tts-1' or 'elevenlabs:eleven_multilingual_v2'.")
@@ -89,6 +91,7 @@ class FalGenerator(MediaGenerator):
         return await self._video(request, timeout_s)
 
     def usage_bound(self, request: MediaRequest) -> Usage:
+        """A video's seconds, or an image's megapixels at its size rounded up to fal's `SIZE_STEP`."""
         if request.kind is MediaKind.VIDEO:
             return Usage(media_seconds=Decimal(request.duration_s))
         width, height = (-(-side // SIZE_STEP) * SIZE_STEP for side in (request.width, request.height))

@@ -127,6 +127,7 @@ async def deadline(model: str, timeout_s: float) -> AsyncIterator[None]:
 
 
 def content_type(response: httpx.Response) -> str | None:
+    """The reply's MIME type, lowercase and without parameters; None where it names none."""
     value = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     return value or None
 

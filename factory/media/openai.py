@@ -50,9 +50,11 @@ class OpenAIMediaGenerator(MediaGenerator):
         self._client = openai.AsyncOpenAI(api_key=api_key.get_secret_value() if api_key else None, max_retries=0)
 
     async def aclose(self) -> None:
+        """Close the SDK client."""
         await self._client.close()
 
     async def generate(self, request: MediaRequest, *, timeout_s: float) -> MediaResult:
+        """An image (Images API) or speech (Speech API); video is refused."""
         if request.kind is MediaKind.IMAGE:
             return await self._image(request, timeout_s)
         if request.kind is MediaKind.AUDIO:
@@ -61,6 +63,9 @@ class OpenAIMediaGenerator(MediaGenerator):
                                                   "'fal:fal-ai/kling-video/v4/text-to-video'.")
 
     def usage_bound(self, request: MediaRequest) -> Usage:
+        """Speech: its characters. An image: the prompt's bytes as input tokens, and the dearest image's output tokens,
+        scaled up for sizes larger than that image's.
+        """
         if request.kind is MediaKind.AUDIO:
             return Usage(characters=len(request.prompt))
         area_bound = math.ceil(IMAGE_OUTPUT_TOKEN_BOUND * request.width * request.height / IMAGE_BOUND_AREA)

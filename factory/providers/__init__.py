@@ -53,6 +53,7 @@ def api_model(model: str) -> str:
 
 
 def make_provider(provider: str, api_key: SecretStr | None) -> Provider:
+    """The provider `provider_name` returned; any name but anthropic and openai(-compatible) gets the dry run."""
     # SDKs are imported on first use: each costs 0.5-1.5 s of start-up in every flow-run process.
     if provider == "anthropic":
         from factory.providers.anthropic import AnthropicProvider

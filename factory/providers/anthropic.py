@@ -19,6 +19,8 @@ NO_FORCED_TOOL_CHOICE = frozenset({"claude-sonnet-5-5", "claude-fable-5-1", "cla
 
 
 class AnthropicProvider(Provider):
+    """Claude models; a response schema becomes a tool the model is made to call where it allows that."""
+
     name = "anthropic"
 
     def __init__(self, api_key: SecretStr | None = None) -> None:
@@ -27,9 +29,11 @@ class AnthropicProvider(Provider):
                                                 max_retries=0)
 
     async def aclose(self) -> None:
+        """Close the SDK client."""
         await self._client.close()
 
     async def complete(self, request: ChatRequest, *, timeout_s: float) -> ChatReply:
+        """One Messages call; a `response_schema` is asked for as a tool call, read back as `structured`."""
         kwargs: dict[str, Any] = {
             "model": request.model,
             "max_tokens": request.max_tokens,

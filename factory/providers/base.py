@@ -34,17 +34,23 @@ IMAGE_TOKEN_BOUND = 10_000
 
 
 class TextPart(StrictModel):
+    """A message's text part."""
+
     type: Literal["text"] = "text"
     text: str
 
 
 class ImagePart(StrictModel):
+    """A message's image part: a PNG, JPEG, GIF or WebP image, base64-encoded."""
+
     type: Literal["image"] = "image"
     media_type: Literal["image/png", "image/jpeg", "image/gif", "image/webp"]
     data: str = Field(description="base64")
 
 
 class Message(StrictModel):
+    """One turn of the conversation: plain text, or text and image parts."""
+
     role: Literal["user", "assistant"]
     content: str | list[TextPart | ImagePart]
 
@@ -54,11 +60,13 @@ class Message(StrictModel):
         return cls(role="user", content=[*images, TextPart(text=text)] if images else text)
 
     def text(self) -> str:
+        """The message's text, its text parts joined by newlines; images left out."""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content if isinstance(part, TextPart))
 
     def images(self) -> list[ImagePart]:
+        """The message's images, in order."""
         return [] if isinstance(self.content, str) else [p for p in self.content if isinstance(p, ImagePart)]
 
 
@@ -84,6 +92,8 @@ class ChatRequest(StrictModel):
 
 
 class ChatReply(StrictModel):
+    """A model's answer: its text, any structured output, and the tokens it was billed for."""
+
     text: str
     structured: dict[str, Any] | None = None
     usage: Usage

@@ -17,9 +17,12 @@ _DRAFT = re.compile(r"\[dry-run\] draft (\d+)")
 
 
 class DryRunProvider(Provider):
+    """The `dry-run` model, for both roles: numbered placeholder drafts, and verdicts that accept the second."""
+
     name = DRY_RUN_MODEL
 
     async def complete(self, request: ChatRequest, *, timeout_s: float) -> ChatReply:
+        """The next draft or, asked for a verdict, one that converges from draft `ACCEPTED_DRAFT` on; free."""
         prompt = "\n".join(m.text() for m in request.messages)
         seen = [int(n) for n in _DRAFT.findall(prompt)]
         if request.response_schema is not None:

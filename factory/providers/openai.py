@@ -20,6 +20,8 @@ from factory.providers.base import MALFORMED, ChatReply, ChatRequest, ImagePart,
 
 
 class OpenAIProvider(Provider):
+    """OpenAI's chat models, or an OpenAI-compatible server's (`compatible`)."""
+
     name = "openai"
 
     def __init__(self, api_key: SecretStr | None = None, *, compatible: bool = False) -> None:
@@ -32,9 +34,11 @@ class OpenAIProvider(Provider):
         self._client = openai.AsyncOpenAI(api_key=key, max_retries=0)
 
     async def aclose(self) -> None:
+        """Close the SDK client."""
         await self._client.close()
 
     async def complete(self, request: ChatRequest, *, timeout_s: float) -> ChatReply:
+        """One Chat Completions call; a `response_schema` is asked for as strict `json_schema` output."""
         messages = [{"role": "system", "content": request.system},
                     *({"role": m.role, "content": _content(m)} for m in request.messages)]
         kwargs: dict[str, Any] = {"model": request.model, "messages": messages}
