@@ -16,9 +16,6 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 from urllib.parse import urldefrag, urljoin
 
-import regex  # type: ignore[import-untyped]
-from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
-from jsonschema.exceptions import SchemaError  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from factory import sandbox
@@ -100,6 +97,8 @@ class RegexCheck(_Check):
     @field_validator("pattern")
     @classmethod
     def _compiles(cls, pattern: str) -> str:
+        import regex  # type: ignore[import-untyped]  # only jobs with checks pay its import
+
         try:
             regex.compile(pattern)
         except regex.error as exc:
@@ -108,6 +107,8 @@ class RegexCheck(_Check):
 
     async def run(self, artifact: str) -> CheckResult:
         """Search the artifact in a thread (the event loop stays free), for REGEX_TIMEOUT_S at most."""
+        import regex
+
         try:
             found = await asyncio.to_thread(regex.search, self.pattern, artifact, timeout=REGEX_TIMEOUT_S,
                                             concurrent=True)
@@ -181,6 +182,9 @@ class JsonSchemaCheck(_Check):
             raise ValueError(f"the schema is not plain JSON: {exc}") from exc
         if size > MAX_SCHEMA_CHARS:
             raise ValueError(f"the schema is {size} characters of JSON; at most {MAX_SCHEMA_CHARS} are allowed")
+        from jsonschema import Draft202012Validator  # type: ignore[import-untyped]  # only jobs with checks
+        from jsonschema.exceptions import SchemaError  # type: ignore[import-untyped]
+
         foreign = foreign_refs(schema)  # also refuses schemas nested deeper than MAX_SCHEMA_DEPTH
         try:
             Draft202012Validator.check_schema(schema)
@@ -329,6 +333,19 @@ def foreign_refs(schema: dict[str, Any]) -> list[str]:
             stack.extend((child, base, f"{path}/{index}", depth + 1) for index, child in enumerate(node))
     # A same-document reference ("#/$defs/x", "#anchor") resolves to "" or to an `$id` defined in the schema.
     return [f"{path} -> {uri}" for path, uri in refs if urldefrag(uri).url not in ids | {""}]
+
+
+def describe(check: Check) -> str:
+    """One line saying what a check asks, for the evaluator's prompt and the UI."""
+    if isinstance(check, RegexCheck):
+        return f"regex: the artifact must {'' if check.expect == 'match' else 'not '}match `{trim(check.pattern, 200)}`"
+    if isinstance(check, LengthCheck):
+        low = "0" if check.min is None else str(check.min)
+        high = "" if check.max is None else str(check.max)
+        return f"length: {low}..{high} {check.unit}"
+    if isinstance(check, JsonSchemaCheck):
+        return "json_schema: the artifact is JSON valid under the job's schema"
+    return f"python: the job's pytest tests pass against the code ({check.tests.count(chr(10)) + 1} lines of tests)"
 
 
 def code_checks_problem(checks: Sequence[Check], allow_code: bool) -> str | None:

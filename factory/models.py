@@ -15,6 +15,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from factory.checks import CheckResult, Checks
+
 MAX_SEED_CHARS = 50_000
 MAX_OBJECTIVE_CHARS = 5_000
 MAX_INPUT_REFS = 20
@@ -25,10 +27,14 @@ CALLBACK_URL_PATTERN = r"^https?://[^\s/?#@\\]+(?:[/?#]\S*)?$"
 
 
 class StrictModel(BaseModel):
+    """The base of the Factory's models: unknown fields are refused, and so is an invalid assignment."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class FunctionType(StrEnum):
+    """What a job makes: the kind of artifact, which picks the executor (a chat or media model) and its prompts."""
+
     TEXT_GENERATION = "TEXT_GENERATION"
     IMAGE_GENERATION = "IMAGE_GENERATION"
     AUDIO_GENERATION = "AUDIO_GENERATION"
@@ -39,6 +45,8 @@ class FunctionType(StrEnum):
 
 
 class JobStatus(StrEnum):
+    """Where a job stands; a finished job's status follows from its `StopReason`."""
+
     PENDING = "PENDING"
     RUNNING = "RUNNING"
     CONVERGED = "CONVERGED"
@@ -48,15 +56,19 @@ class JobStatus(StrEnum):
 
 
 class StopReason(StrEnum):
+    """Why a job stopped: the objective met (CONFORMITY), a limit reached, no progress, an error or a cancel."""
+
     CONFORMITY = "CONFORMITY"
     MAX_CYCLES = "MAX_CYCLES"
     BUDGET = "BUDGET"
     TIMEOUT = "TIMEOUT"
     ERROR = "ERROR"
     CANCELLED = "CANCELLED"
+    PLATEAU = "PLATEAU"
 
     @property
     def status(self) -> JobStatus:
+        """The status this ending gives the job: CONVERGED, FAILED, CANCELLED, or else EXHAUSTED."""
         return {
             StopReason.CONFORMITY: JobStatus.CONVERGED,
             StopReason.ERROR: JobStatus.FAILED,
@@ -65,6 +77,8 @@ class StopReason(StrEnum):
 
 
 class Event(StrEnum):
+    """The events of a job's event log (factory/eventlog.py), in the order a job writes them."""
+
     JOB_CREATED = "JOB_CREATED"
     JOB_STARTED = "JOB_STARTED"
     ITERATION_START = "ITERATION_START"
@@ -77,6 +91,8 @@ class Event(StrEnum):
     JOB_MAX_ITERATIONS = "JOB_MAX_ITERATIONS"
     JOB_BUDGET_EXHAUSTED = "JOB_BUDGET_EXHAUSTED"
     JOB_ERROR = "JOB_ERROR"
+    JOB_PLATEAU = "JOB_PLATEAU"
+    CHECKS_RESULT = "CHECKS_RESULT"
     JOB_COMPLETED = "JOB_COMPLETED"
     CALLBACK_SENT = "CALLBACK_SENT"
     CALLBACK_FAILED = "CALLBACK_FAILED"
@@ -124,9 +140,14 @@ class Limits(StrictModel):
     min_confidence: float = Field(
         default=0.8, ge=0.5, le=1.0, description="Evaluator confidence needed, with `converged`, to stop."
     )
+    patience: int | None = Field(
+        default=None, ge=1, le=10, description="Stop (PLATEAU) when the best confidence so far has not risen by "
+        "FACTORY_PLATEAU_MIN_GAIN for this many iterations in a row. Default: never.")
 
 
 class JobInput(StrictModel):
+    """One job as submitted: what to make, what 'done' means, its inputs, where it writes, its limits and models."""
+
     seed: Seed
     objective: Objective
     function: FunctionType = FunctionType.TEXT_GENERATION
@@ -138,6 +159,7 @@ class JobInput(StrictModel):
     executor_model: ModelName = None
     evaluator_model: ModelName = None
     callback_url: CallbackUrl = None
+    checks: Checks = Field(default_factory=list)
 
 
 class Usage(StrictModel):
@@ -156,6 +178,7 @@ class Usage(StrictModel):
 
     @property
     def total(self) -> int:
+        """Every token billed: input, output, cache reads and writes."""
         return (self.input_tokens + self.output_tokens + self.cache_read_tokens
                 + self.cache_write_5m_tokens + self.cache_write_1h_tokens)
 
@@ -177,6 +200,8 @@ class CallRecord(StrictModel):
 
 
 class Verdict(StrictModel):
+    """The evaluator's judgement of one artifact, and what the executor should change next."""
+
     converged: bool
     confidence: float = Field(ge=0.0, le=1.0)
     strengths: list[str] = Field(default_factory=list)
@@ -188,6 +213,8 @@ class Verdict(StrictModel):
 
 
 class IterationOutput(StrictModel):
+    """What the executor made in one iteration: the stored artifact, its hash, and what it cost."""
+
     artifact_ref: str
     artifact_hash: str
     executor_model: str
@@ -197,6 +224,8 @@ class IterationOutput(StrictModel):
 
 
 class IterationDetail(StrictModel):
+    """One iteration, as the JobResult sums it up."""
+
     iteration: int
     duration_ms: int
     converged: bool
@@ -205,9 +234,13 @@ class IterationDetail(StrictModel):
     artifact_ref: str
     usage_known: bool = Field(default=True, description="False when a call of this iteration was charged its worst "
                                                          "case, its usage being unknown.")
+    checks: list[CheckResult] = Field(default_factory=list, description="The job's checks on this artifact, in "
+                                      "order; when one failed, the evaluator was not asked.")
 
 
 class JobResult(StrictModel):
+    """How a job ended, its final artifact and cost: what the flow returns, stores by the log and calls back with."""
+
     job_id: str
     status: JobStatus
     stop_reason: StopReason
@@ -231,4 +264,5 @@ class JobResult(StrictModel):
 
 
 def utcnow() -> datetime:
+    """The current time in UTC, timezone-aware."""
     return datetime.now(UTC)

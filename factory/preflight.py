@@ -10,9 +10,10 @@ import base64
 import re
 from datetime import date, datetime
 
+from factory.checks import CodeChecksNotAllowed, PythonCheck, code_checks_problem
 from factory.errors import ConfigurationError, StorageError
 from factory.media import MEDIA_FUNCTIONS, MediaKind, media_api_model, media_provider_name, not_chat
-from factory.models import JobInput, StrictModel
+from factory.models import FunctionType, JobInput, StrictModel
 from factory.pricing import Price, price_for, retirement
 from factory.providers import ImagePart, api_model, provider_name
 from factory.settings import FactorySettings
@@ -36,12 +37,21 @@ class InputRef(StrictModel):
 
 
 def image_type(data: bytes) -> str | None:
+    """The MIME type of a PNG, JPEG, GIF or WebP image, from its first bytes; None for anything else."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "image/webp"
     return next((kind for magic, kind in IMAGE_SIGNATURES.items() if data.startswith(magic)), None)
 
 
 class ModelPlan(StrictModel):
+    """One model a job will call, settled before anything is spent: its name, provider, API name and price.
+
+    Built during `plan_job`: by `plan_model` for the chat roles, `plan_media_model` for a media executor, and
+    directly for the audio transcriber; it does not change for the rest of the job. The loop and its tasks
+    (flows/loop.py, flows/media.py, tasks/) call `provider` with `api_name`, price each call's worst case and
+    its billed usage with `price`, and report `name` in the log and the JobResult.
+    """
+
     name: str
     provider: str
     api_name: str
@@ -49,6 +59,17 @@ class ModelPlan(StrictModel):
 
 
 class JobPlan(StrictModel):
+    """A job checked against the deployment: its input, its models, what it has read and where it writes.
+
+    `plan_job` builds it once per flow run, from the validated `JobInput` and the settings, or raises
+    `ConfigurationError` naming the field to fix, before anything is spent. The flow (flows/job.py) then
+    checks the API keys its models need, logs its `warnings`, opens the event log at `log_path` and hands it
+    to the loop (`JobRun`, flows/loop.py), which reads it and never changes it. `artifact_dir` receives every
+    iteration's artifact, `final_path` (when `output_ref` names a file) the final one, `result_path` the
+    JobResult; `inputs` are the `input_refs`, already read; `media_kind` and `transcriber` are set for media
+    jobs (a transcriber for audio only).
+    """
+
     job: JobInput
     executor: ModelPlan
     evaluator: ModelPlan
@@ -100,6 +121,7 @@ async def plan_job(job: JobInput, settings: FactorySettings, storage: Storage, t
     """
     warnings: list[str] = []
     kind = MEDIA_FUNCTIONS.get(job.function)
+    check_checks(job, kind, settings)
     if kind is None:
         executor = plan_model(job.executor_model or settings.default_executor_model, "executor_model", settings,
                               today, warnings)
@@ -123,6 +145,18 @@ async def plan_job(job: JobInput, settings: FactorySettings, storage: Storage, t
     )
 
 
+def check_checks(job: JobInput, kind: MediaKind | None, settings: FactorySettings) -> None:
+    """Refuse checks this job cannot run: on media, python tests on anything but code, code the worker won't run."""
+    if job.checks and kind is not None:
+        raise ConfigurationError("checks", f"checks read text artifacts; a {job.function.value} job makes media")
+    for index, check in enumerate(job.checks):
+        if isinstance(check, PythonCheck) and job.function is not FunctionType.CODE_GENERATION:
+            raise ConfigurationError("checks", f"checks[{index}]: a python check tests Python code; use it with "
+                                               f"function CODE_GENERATION")
+    if (problem := code_checks_problem(job.checks, settings.allow_code_checks)) is not None:
+        raise CodeChecksNotAllowed(problem)
+
+
 def plan_media_model(job: JobInput, kind: MediaKind, settings: FactorySettings) -> ModelPlan:
     """The generation model of an IMAGE/AUDIO/VIDEO job: routed, priced, and given only what it can use."""
     if job.input_refs:
@@ -135,6 +169,7 @@ def plan_media_model(job: JobInput, kind: MediaKind, settings: FactorySettings) 
 
 
 def log_path_for(job_id: str, log_ref: str | None, storage: Storage) -> Location:
+    """Where a job's event log lives: `log_ref`, else `<job_id>/log.json` under the storage root."""
     return storage.resolve(log_ref, "log_ref") if log_ref else storage.resolve(job_id, "job_id").child("log.json")
 
 

@@ -18,6 +18,8 @@ DEFAULT_MODEL = "claude-sonnet-5-5"
 
 
 class FactorySettings(BaseSettings):
+    """The Factory's own settings, one `FACTORY_<NAME>` variable each; read once per process by `get_settings`."""
+
     model_config = SettingsConfigDict(env_prefix="FACTORY_", extra="ignore")
 
     storage_root: Path = Field(
@@ -76,6 +78,12 @@ class FactorySettings(BaseSettings):
     callback_retry_window_s: float = Field(
         default=60.0, gt=0, le=3600, description="How long a callback is retried (connection errors, timeouts, "
         "429, 5xx) before it is given up; the job's own end never waits longer.")
+    allow_code_checks: bool = Field(
+        default=False, description="Let jobs run `python` checks: pytest on model-written code, in a sandbox on this "
+        "worker. Off: a job with one is refused before any call.")
+    plateau_min_gain: float = Field(
+        default=0.02, ge=0, le=1, description="The rise in best confidence that counts as progress for "
+        "`limits.patience`.")
     callback_timeout_s: float = Field(
         default=10.0, gt=0, le=300, description="Longest one callback attempt may take, cut to what is left of "
         "the retry window.")
@@ -83,4 +91,5 @@ class FactorySettings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> FactorySettings:
+    """The process's settings, read from the environment on first use."""
     return FactorySettings()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from factory.checks import CheckResult
 from factory.models import Verdict
 
 
@@ -29,6 +30,7 @@ def parse_verdict(structured: dict[str, Any] | None, text: str) -> Verdict:
 
 
 def unparseable_verdict(error: str) -> Verdict:
+    """The non-converged verdict for a reply still unreadable after the repair call."""
     return Verdict(
         converged=False,
         confidence=0.0,
@@ -42,6 +44,16 @@ def unjudged_verdict(reason: str) -> Verdict:
     """For an artifact that was generated but could not be evaluated (budget or deadline)."""
     return Verdict(converged=False, confidence=0.0, weaknesses=["Not evaluated."],
                    parse_error=f"not evaluated: {reason}")
+
+
+def checks_failed_verdict(results: list[CheckResult]) -> Verdict:
+    """For an artifact that failed a deterministic check: not converged, not judged (no evaluator call is spent
+    on it), and the failures, trimmed, as what the executor must fix first."""
+    failed = [r for r in results if not r.passed]
+    weaknesses = [f"{r.type} check failed: {r.detail}" for r in failed]
+    return Verdict(converged=False, confidence=0.0, weaknesses=weaknesses,
+                   feedback_for_executor="The artifact failed these checks; make them pass first:\n"
+                   + "\n".join(f"- {w}" for w in weaknesses))
 
 
 def _json_in(text: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from prefect.logging import get_run_logger
 
 from blocks.credentials import require_api_key
 from factory.callback import check_callback_url
+from factory.checks import Checks
 from factory.errors import StorageError
 from factory.eventlog import EventLog
 from factory.models import (
@@ -55,6 +56,7 @@ async def factory(
     executor_model: ModelName = None,
     evaluator_model: ModelName = None,
     callback_url: CallbackUrl = None,
+    checks: Checks = [],  # noqa: B006 - Prefect copies parameters; the flow never mutates them
 ) -> JobResult:
     """Iterate executor -> evaluator until the artifact meets the objective or a limit is hit.
 
@@ -71,6 +73,8 @@ async def factory(
         executor_model, evaluator_model: model names; `dry-run` needs no key.
         callback_url: receives the JobResult as a signed JSON POST when the job ends, however it ends (see
             flows/callback.py); a host that is not public is refused here, before anything is spent.
+        checks: at most 20 deterministic checks (regex, length, json_schema, python) run on every artifact before
+            the evaluator; one that fails skips the evaluator and goes back to the executor as feedback.
 
     Returns:
         The JobResult.
@@ -82,6 +86,7 @@ async def factory(
         seed=seed, objective=objective, function=function, job_id=job_id or str(runtime.flow_run.id),
         input_refs=input_refs, output_ref=output_ref, log_ref=log_ref, limits=limits,
         executor_model=executor_model, evaluator_model=evaluator_model, callback_url=callback_url,
+        checks=checks,
     )
     warnings = await check_callback_url(job.callback_url, settings) if job.callback_url else []
     plan = await plan_job(job, settings, storage, date.today())

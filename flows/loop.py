@@ -20,6 +20,7 @@ from prefect.logging import get_run_logger
 
 from factory.artifacts import render
 from factory.budget import Budget
+from factory.checks import CheckResult, describe
 from factory.errors import BudgetExceeded, DeadlineExceeded, JobFailed, ProviderError, StorageError
 from factory.eventlog import EventLog
 from factory.models import Event, IterationDetail, IterationOutput, JobResult, StopReason, Verdict, utcnow
@@ -31,16 +32,24 @@ from factory.prompts import (
     VERDICT_SCHEMA,
     VERDICT_TOOL,
     VERDICT_TOOL_DESCRIPTION,
+    Revision,
     evaluator_prompt,
     executor_prompt,
 )
 from factory.providers import DRY_RUN_MODEL, ChatRequest, ImagePart, Message
 from factory.settings import FactorySettings
 from factory.storage import get_storage
-from factory.verdict import UnreadableVerdict, parse_verdict, unjudged_verdict, unparseable_verdict
+from factory.verdict import (
+    UnreadableVerdict,
+    checks_failed_verdict,
+    parse_verdict,
+    unjudged_verdict,
+    unparseable_verdict,
+)
 from flows.media import Made, make_media
 from flows.report import JobReport
 from tasks.calls import CallResult
+from tasks.check import check_artifact
 from tasks.evaluate import evaluate_artifact
 from tasks.generate import generate_artifact
 from tasks.retry import Allowance
@@ -56,6 +65,7 @@ STOP_EVENTS = {
     StopReason.MAX_CYCLES: Event.JOB_MAX_ITERATIONS,
     StopReason.BUDGET: Event.JOB_BUDGET_EXHAUSTED,
     StopReason.ERROR: Event.JOB_ERROR,
+    StopReason.PLATEAU: Event.JOB_PLATEAU,
 }
 
 
@@ -69,6 +79,40 @@ class Iteration:
     cost: Decimal
     duration_ms: int
     usage_known: bool = True
+    checks: list[CheckResult] = field(default_factory=list)
+
+    @property
+    def passed_checks(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def rank(self) -> tuple[bool, bool, float, int]:
+        """Best first: checks passed, converged, confidence, then the later of two equals."""
+        return self.passed_checks, self.verdict.converged, self.verdict.confidence, self.number
+
+
+@dataclass
+class Plateau:
+    """`limits.patience`: a stall is `patience` iterations in a row without the best confidence rising `min_gain`
+    above where it last rose."""
+
+    patience: int | None
+    min_gain: float
+    mark: float | None = None
+    stale: int = 0
+
+    def after(self, confidence: float) -> str | None:
+        """Count one iteration; when the job has stalled, say how."""
+        if self.patience is None:
+            return None
+        if self.mark is None or confidence >= self.mark + self.min_gain:
+            self.mark, self.stale = confidence, 0
+            return None
+        self.stale += 1
+        if self.stale < self.patience:
+            return None
+        return (f"the best confidence ({self.mark:g}) has not risen by {self.min_gain:g} for {self.stale} "
+                f"iteration(s) in a row")
 
 
 @dataclass
@@ -90,8 +134,9 @@ class JobRun:
         await self.log.emit(Event.JOB_STARTED, job_id=self.plan.job.job_id, executor_model=self.plan.executor.name,
                             evaluator_model=self.plan.evaluator.name, budget_usd=self.plan.job.limits.budget_usd)
         error: str | None = None
+        note: str | None = None
         try:
-            stop = await self._loop()
+            stop, note = await self._loop()
         except BudgetExceeded as exc:
             stop, error = StopReason.BUDGET, str(exc)
         except DeadlineExceeded as exc:
@@ -101,40 +146,49 @@ class JobRun:
         except asyncio.CancelledError:
             await asyncio.shield(self._finish(StopReason.CANCELLED, started_at, "cancelled through Prefect"))
             raise
-        result = await self._finish(stop, started_at, error)
+        result = await self._finish(stop, started_at, error, note)
         if stop is StopReason.ERROR:
             cause = (error or "no detail").rstrip(".")
             raise JobFailed(f"job {result.job_id} failed: {cause}. Result: {self.plan.result_path.ref}; "
                             f"log: {self.plan.log_path.ref}")
         return result
 
-    async def _loop(self) -> StopReason:
+    async def _loop(self) -> tuple[StopReason, str | None]:
+        """Iterate until a stop reason; with it, what the event log should say of a plateau."""
         limits = self.plan.job.limits
+        plateau = Plateau(limits.patience, self.settings.plateau_min_gain)
         while True:
             if len(self.iterations) >= limits.max_cycles:
-                return StopReason.MAX_CYCLES
+                return StopReason.MAX_CYCLES, None
             if time.time() >= self.deadline:
-                return StopReason.TIMEOUT
+                return StopReason.TIMEOUT, None
             done = await self._iterate(len(self.iterations) + 1)
-            if done.verdict.converged and done.verdict.confidence >= limits.min_confidence:
-                return StopReason.CONFORMITY
+            if done.passed_checks and done.verdict.converged and done.verdict.confidence >= limits.min_confidence:
+                return StopReason.CONFORMITY, None
+            if (stalled := plateau.after(done.verdict.confidence)) is not None:
+                return StopReason.PLATEAU, stalled
 
     async def _iterate(self, n: int) -> Iteration:
         started = time.perf_counter()
         await self.log.emit(Event.ITERATION_START, iteration=n, spent_usd=float(self.budget.spent))
-        previous = self.iterations[-1] if self.iterations else None
-        made = await (self._make_text(n, previous) if self.plan.media_kind is None
-                      else make_media(self, n, previous))
+        # The executor revises the best-judged artifact so far, never a later regression.
+        best = max(self.iterations, key=lambda i: i.rank, default=None)
+        made = await (self._make_text(n, best) if self.plan.media_kind is None
+                      else make_media(self, n, best))
         await self.log.emit(Event.EXECUTOR_RESPONSE, iteration=n, **made.output.model_dump())
+        checks = await self._check(n, made.shown) if self.plan.job.checks else []
         try:
-            verdict = await self._judge(n, made.shown, made.images)
+            if all(c.passed for c in checks):
+                verdict = await self._judge(n, made.shown, made.images, checks)
+            else:  # known to fail: no money is spent judging it
+                verdict = checks_failed_verdict(checks)
         except (BudgetExceeded, DeadlineExceeded, ProviderError) as exc:
             # The artifact was paid for: keep it in the result, marked as not judged.
-            self._record(n, made, unjudged_verdict(str(exc)), started)
+            self._record(n, made, unjudged_verdict(str(exc)), started, checks)
             raise
-        done = self._record(n, made, verdict, started)
+        done = self._record(n, made, verdict, started, checks)
         self.report.iteration(n, made.shown, made.location.ref, made.extension, verdict, done.cost,
-                              self.budget.spent, done.duration_ms)
+                              self.budget.spent, done.duration_ms, checks)
         calls = self.budget.records_of(n)
         await self.log.emit(Event.ITERATION_END, iteration=n, converged=verdict.converged,
                             confidence=verdict.confidence, cost_usd=float(done.cost),
@@ -146,13 +200,21 @@ class JobRun:
                       "confidence": verdict.confidence, "spent_usd": float(self.budget.spent)})
         return done
 
-    async def _make_text(self, n: int, previous: Iteration | None) -> Made:
+    async def _check(self, n: int, artifact: str) -> list[CheckResult]:
+        results = await check_artifact(n, self.plan.job.checks, artifact, self.settings.allow_code_checks)
+        await self.log.emit(Event.CHECKS_RESULT, iteration=n, passed=all(r.passed for r in results),
+                            checks=[r.model_dump() for r in results])
+        return results
+
+    async def _make_text(self, n: int, best: Iteration | None) -> Made:
         inputs = self.plan.inputs
-        prompt = executor_prompt(
-            self.plan.job.seed, self.plan.job.function, [(i.ref, i.text) for i in inputs if i.text is not None],
-            [i.ref for i in inputs if i.image is not None],
-            previous.shown if previous else None, previous.verdict.feedback_for_executor if previous else None,
-            previous.verdict.strengths if previous else [], previous.verdict.weaknesses if previous else [])
+        revision = None if best is None else Revision(
+            best.shown, best.number, best.verdict.feedback_for_executor, best.verdict.strengths,
+            best.verdict.weaknesses)
+        job = self.plan.job
+        prompt = executor_prompt(job.seed, job.objective, job.function,
+                                 [(i.ref, i.text) for i in inputs if i.text is not None],
+                                 [i.ref for i in inputs if i.image is not None], revision)
         images = [i.image for i in inputs if i.image is not None]
         request = ChatRequest(model=self.plan.executor.api_name, system=EXECUTOR_SYSTEM,
                               messages=[Message.user(prompt, images)],
@@ -169,16 +231,20 @@ class JobRun:
                                            **generated.call.usage.model_dump()})
         return Made(text, text.encode(), extension, location, output)
 
-    def _record(self, n: int, made: Made, verdict: Verdict, started: float) -> Iteration:
+    def _record(self, n: int, made: Made, verdict: Verdict, started: float, checks: list[CheckResult]) -> Iteration:
         done = Iteration(n, made.shown, made.data, made.location.ref, verdict, self.budget.spent_on(n),
                          int((time.perf_counter() - started) * 1000),
-                         all(r.usage_known for r in self.budget.records_of(n)))
+                         all(r.usage_known for r in self.budget.records_of(n)), checks)
         self.iterations.append(done)
         return done
 
-    async def _judge(self, n: int, artifact: str, images: list[ImagePart]) -> Verdict:
+    async def _judge(self, n: int, artifact: str, images: list[ImagePart], checks: list[CheckResult]) -> Verdict:
         """The verdict on an artifact (media shown as images), with one repair call if the reply is unreadable."""
-        prompt = evaluator_prompt(self.plan.job.objective, self.plan.job.seed, artifact, self.plan.media_kind)
+        job = self.plan.job
+        history = [(i.number, i.verdict) for i in self.iterations if i.passed_checks and not i.verdict.parse_error]
+        prompt = evaluator_prompt(job.objective, job.seed, artifact, self.plan.media_kind,
+                                  min_confidence=job.limits.min_confidence,
+                                  checks_passed=[describe(c) for c in job.checks], history=history)
         request = ChatRequest(model=self.plan.evaluator.api_name, system=EVALUATOR_SYSTEM,
                               messages=[Message.user(prompt, images)],
                               max_tokens=self.settings.evaluator_max_tokens, response_schema=VERDICT_SCHEMA,
@@ -228,10 +294,11 @@ class JobRun:
             self.budget.charge(record)
         return result
 
-    async def _finish(self, stop: StopReason, started_at: datetime, error: str | None) -> JobResult:
+    async def _finish(self, stop: StopReason, started_at: datetime, error: str | None,
+                      note: str | None = None) -> JobResult:
         result = self._result(stop, started_at, error)
         if stop in STOP_EVENTS:
-            await self.log.emit(STOP_EVENTS[stop], stop_reason=stop.value, detail=error)
+            await self.log.emit(STOP_EVENTS[stop], stop_reason=stop.value, detail=error or note)
         if self.plan.final_path is not None and result.final_artifact_ref is not None:
             best = next(i for i in self.iterations if i.artifact_ref == result.final_artifact_ref)
             await store_artifact(self.plan.final_path, best.data)
@@ -254,7 +321,7 @@ class JobRun:
     def _result(self, stop: StopReason, started_at: datetime, error: str | None) -> JobResult:
         functional = [i.number for i in self.iterations if not i.verdict.weaknesses and not i.verdict.parse_error]
         in_iterations = sum((i.cost for i in self.iterations), Decimal(0))
-        best = max(self.iterations, key=lambda i: (i.verdict.converged, i.verdict.confidence, i.number), default=None)
+        best = max(self.iterations, key=lambda i: i.rank, default=None)
         final = self.iterations[-1] if stop is StopReason.CONFORMITY else best
         completed_at = utcnow()
         return JobResult(
@@ -270,7 +337,7 @@ class JobRun:
             iterations_detail=[IterationDetail(iteration=i.number, duration_ms=i.duration_ms,
                                                converged=i.verdict.converged, confidence=i.verdict.confidence,
                                                cost_usd=float(i.cost), artifact_ref=i.artifact_ref,
-                                               usage_known=i.usage_known)
+                                               usage_known=i.usage_known, checks=i.checks)
                                for i in self.iterations],
             log_ref=self.plan.log_path.ref, error=error,
             dry_run=DRY_RUN_MODEL in (self.plan.executor.name, self.plan.evaluator.name),

@@ -31,9 +31,11 @@ from prefect.artifacts import (
 )
 from prefect.events.worker import EventsWorker, should_emit_events
 
+from factory.checks import CheckResult, trim
 from factory.models import FunctionType, JobResult, Limits, Verdict
 
 MAX_INLINE_CHARS = 4000
+TABLE_DETAIL_CHARS = 300  # a check's detail in the iteration's table; the full one is in the JobResult
 EVENTS_FLUSH_TIMEOUT_S = 30.0
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,30 @@ def _bullets(items: list[str]) -> str:
     return "\n".join(f"- {item}" for item in items) if items else "_none_"
 
 
+def _checks_table(checks: list[CheckResult]) -> str:
+    rows = ["| check | result | detail |", "|---|---|---|"]
+    for c in checks:
+        detail = trim(c.detail, TABLE_DETAIL_CHARS).replace("|", "\\|").replace("\n", " ")
+        rows.append(f"| {c.type} | {'passed' if c.passed else '**failed**'} | {detail} |")
+    return "\n".join(rows)
+
+
+def _checks_cell(checks: list[CheckResult] | None) -> str:
+    """The iterations table's checks column: `3/3`, or empty where the job has none."""
+    return f"{sum(c.passed for c in checks)}/{len(checks)}" if checks else ""
+
+
 class JobReport:
+    """What a person sees of one job in the Prefect UI: the artifacts published as it runs, keyed per job.
+
+    `JobRun` (flows/loop.py) builds one per run, from the job's id, function and limits, and calls
+    `iteration` after each judged iteration (its markdown, the iterations table kept in `rows`, the
+    progress), `picture` for generated images and video (flows/media.py), `budget` before each call and at
+    the end, and `summary` last, which waits until everything queued has been sent (`close`). A call only
+    queues its artifact: one background task sends them in order, and a send that fails is logged, never
+    raised, so the UI cannot fail a paid-for job.
+    """
+
     def __init__(self, job_id: str, function: FunctionType, limits: Limits) -> None:
         self.job_id = job_id
         self.function = function
@@ -86,7 +111,7 @@ class JobReport:
         await flush_events()
 
     def iteration(self, n: int, artifact: str, ref: str, extension: str, verdict: Verdict, cost: Decimal,
-                        spent: Decimal, duration_ms: int) -> None:
+                  spent: Decimal, duration_ms: int, checks: list[CheckResult] | None = None) -> None:
         shown = artifact[:MAX_INLINE_CHARS]
         if len(artifact) > MAX_INLINE_CHARS:
             shown += f"\n... {len(artifact) - MAX_INLINE_CHARS} more characters in the full file"
@@ -98,6 +123,7 @@ class JobReport:
             + (f" (**{verdict.parse_error}**)" if verdict.parse_error else ""),
             f"**Cost:** ${cost:.6f} (job so far ${spent:.6f}) · **Duration:** {duration_ms / 1000:.1f} s",
             f"**Artifact:** `{ref}`",
+            *(["## Checks\n" + _checks_table(checks)] if checks else []),
             "## Strengths\n" + _bullets(verdict.strengths),
             "## Weaknesses\n" + _bullets(verdict.weaknesses),
             "## Feedback for the executor\n" + (verdict.feedback_for_executor or "_none_"),
@@ -108,7 +134,8 @@ class JobReport:
             description=f"Iteration {n}: {state}, confidence {verdict.confidence:.2f}"))
         self.rows.append({"n": n, "converged": verdict.converged, "confidence": round(verdict.confidence, 4),
                           "cost_usd": float(cost), "cumulative_usd": float(spent),
-                          "duration_s": round(duration_ms / 1000, 2), "artifact_ref": ref})
+                          "duration_s": round(duration_ms / 1000, 2), "artifact_ref": ref,
+                          "checks": _checks_cell(checks)})
         rows = list(self.rows)
         self._send(lambda: acreate_table_artifact(rows, key=artifact_key(self.job_id, "iterations"),
                                                   description=f"Iterations of job {self.job_id}"))

@@ -10,8 +10,8 @@ from factory.artifacts import render, sha256
 from factory.budget import Budget
 from factory.errors import BudgetExceeded
 from factory.media.base import MediaKind
-from factory.models import CallRecord, FunctionType, Usage
-from factory.prompts import delimit, evaluator_prompt, executor_prompt
+from factory.models import CallRecord, FunctionType, Usage, Verdict
+from factory.prompts import Revision, delimit, evaluator_prompt, executor_prompt
 
 pytestmark = pytest.mark.fast
 
@@ -59,23 +59,33 @@ def test_content_cannot_forge_its_own_end_marker():
     assert f"<<<END ARTIFACT {tag}>>>" not in hostile
 
 
-def test_the_executor_sees_its_previous_artifact_and_the_review_delimited():
-    prompt = executor_prompt("Write a haiku.", FunctionType.TEXT_GENERATION, [("notes.txt", "rivers run")], [],
-                             previous_artifact="old haiku", feedback="more water", strengths=["brief"],
-                             weaknesses=["5-7-6"])
+def test_the_executor_sees_the_objective_the_artifact_to_revise_and_its_review_delimited():
+    revision = Revision("old haiku", 2, "more water", ["brief"], ["5-7-6"])
+    prompt = executor_prompt("Write a haiku.", "A haiku about rivers.", FunctionType.TEXT_GENERATION,
+                             [("notes.txt", "rivers run")], [], revision)
     assert prompt.startswith("Instruction:\nWrite a haiku.")
+    assert delimit("OBJECTIVE", "A haiku about rivers.") in prompt
     assert delimit("INPUT", "rivers run") in prompt and delimit("ARTIFACT", "old haiku") in prompt
-    assert "more water" in prompt and "- brief" in prompt and "- 5-7-6" in prompt
+    assert "(iteration 2)" in prompt
+    assert delimit("REVIEW", "Feedback: more water\nKeep these strengths:\n- brief\nFix these weaknesses:\n- 5-7-6") \
+        in prompt
 
 
-def test_a_first_iteration_has_no_review():
-    prompt = executor_prompt("Write a haiku.", FunctionType.TEXT_GENERATION, [], [], None, None, [], [])
-    assert "ARTIFACT" not in prompt and "Reviewer feedback" not in prompt
+def test_the_stable_part_of_the_executor_prompt_comes_first_and_never_changes():
+    first = executor_prompt("Write a haiku.", "A haiku.", FunctionType.TEXT_GENERATION, [("n.txt", "x")], [], None)
+    later = executor_prompt("Write a haiku.", "A haiku.", FunctionType.TEXT_GENERATION, [("n.txt", "x")], [],
+                            Revision("draft", 1, "shorter"))
+    assert later.startswith(first) and "ARTIFACT" not in first and "REVIEW" not in first
 
 
-def test_the_evaluator_judges_against_the_objective_and_media_asks_for_a_prompt():
-    text = evaluator_prompt("A haiku about rivers.", "Write a haiku.", "flowing water")
+def test_the_evaluator_knows_the_threshold_the_checks_that_passed_and_its_last_three_verdicts():
+    history = [(n, Verdict(converged=False, confidence=n / 10, feedback_for_executor=f"fix {n}")) for n in range(1, 6)]
+    text = evaluator_prompt("A haiku about rivers.", "Write a haiku.", "flowing water", min_confidence=0.85,
+                            checks_passed=["length: 3..3 lines"], history=history)
     assert "A haiku about rivers." in text and delimit("ARTIFACT", "flowing water") in text
+    assert "confidence >= 0.85" in text and "- length: 3..3 lines" in text
+    assert "iteration 3:" in text and "fix 5" in text and "iteration 2:" not in text
+    assert text.index("HISTORY") < text.index("<<<ARTIFACT")
     assert "complete prompt" not in text
     assert "complete prompt" in evaluator_prompt("A red square.", "Paint.", "image", MediaKind.IMAGE)
 
