@@ -53,6 +53,9 @@ class Price(BaseModel):
     per_million_characters: Decimal = Field(default=Decimal(0), ge=0)
     per_second: Decimal = Field(default=Decimal(0), ge=0, description="Per second of media made or transcribed.")
     per_gpu_second: Decimal = Field(default=Decimal(0), ge=0)
+    min_cache_tokens: int | None = Field(
+        default=None, gt=0, description="The shortest prompt prefix the provider caches; unset: the Factory marks no "
+        "cache point for this model (OpenAI caches on its own from 1,024 tokens).")
     long_context_above: int | None = Field(
         default=None, gt=0,
         description="Prompt tokens (input plus cache reads and writes) above which the whole call, output "
@@ -87,6 +90,15 @@ class Price(BaseModel):
         )
         tokens = sum((Decimal(tokens) * price for tokens, price in parts), Decimal(0)) / PER_TOKENS
         return tokens + self._units(usage)
+
+    def cache_savings(self, usage: Usage) -> Decimal:
+        """What caching saved on this call: its cost had every cached or cache-written token been plain input,
+        less what it cost (negative when writing the cache cost more than it has saved yet)."""
+        uncached = usage.model_copy(update={
+            "input_tokens": usage.input_tokens + usage.cache_read_tokens + usage.cache_write_5m_tokens
+            + usage.cache_write_1h_tokens, "cache_read_tokens": 0, "cache_write_5m_tokens": 0,
+            "cache_write_1h_tokens": 0})
+        return self.cost(uncached) - self.cost(usage)
 
     def _units(self, usage: Usage) -> Decimal:
         return (usage.images * self.per_image + usage.megapixels * self.per_megapixel
@@ -133,7 +145,8 @@ def _table_from_json(raw: dict[str, Any], origin: str) -> dict[str, Price]:
     try:
         if "tables" in raw:
             return {
-                name: Price(**entry, published=table.get("published"))
+                name: Price(**{"min_cache_tokens": table.get("min_cache_tokens"), **entry},
+                            published=table.get("published"))
                 for table in raw["tables"]
                 for name, entry in table["models"].items()
             }

@@ -104,7 +104,8 @@ def billed_cost(emulator: Emulator) -> Decimal:
     table = price_table(get_settings())
     return sum(
         (Decimal(b.input_tokens) * table[b.model].input + Decimal(b.output_tokens) * table[b.model].output
-         + Decimal(b.cache_read_tokens) * table[b.model].cache_read) / Decimal(1_000_000)
+         + Decimal(b.cache_read_tokens) * table[b.model].cache_read
+         + Decimal(b.cache_write_tokens) * (table[b.model].cache_write_5m or table[b.model].input)) / Decimal(1_000_000)
         for b in emulator.billed
     ) or Decimal(0)
 

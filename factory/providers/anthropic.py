@@ -11,7 +11,16 @@ from pydantic import SecretStr
 
 from factory.errors import TransientProviderError
 from factory.models import Usage
-from factory.providers.base import MALFORMED, ChatReply, ChatRequest, ImagePart, Message, Provider, translate_sdk_error
+from factory.providers.base import (
+    MALFORMED,
+    ChatReply,
+    ChatRequest,
+    ImagePart,
+    Message,
+    Provider,
+    TextPart,
+    translate_sdk_error,
+)
 
 # Models that answer 400 to a forced `tool_choice` ("tool" or "any"): they get the tool with
 # `auto` and an instruction to call it; a reply without the call goes to the repair path.
@@ -59,7 +68,14 @@ def _content(message: Message) -> str | list[dict[str, Any]]:
     if isinstance(message.content, str):
         return message.content
     return [{"type": "image", "source": {"type": "base64", "media_type": p.media_type, "data": p.data}}
-            if isinstance(p, ImagePart) else {"type": "text", "text": p.text} for p in message.content]
+            if isinstance(p, ImagePart) else _text_block(p) for p in message.content]
+
+
+def _text_block(part: TextPart) -> dict[str, Any]:
+    block: dict[str, Any] = {"type": "text", "text": part.text}
+    if part.cache_point:  # everything up to here (tools, system, this block) is cached for 5 minutes
+        block["cache_control"] = {"type": "ephemeral"}
+    return block
 
 
 def _reply(message: anthropic.types.Message, request: ChatRequest) -> ChatReply:

@@ -38,6 +38,8 @@ class TextPart(StrictModel):
 
     type: Literal["text"] = "text"
     text: str
+    cache_point: bool = Field(default=False, description="The stable prefix of the prompt ends here: a provider "
+                              "with explicit cache breakpoints (Anthropic's `cache_control`) puts one here.")
 
 
 class ImagePart(StrictModel):
@@ -55,9 +57,17 @@ class Message(StrictModel):
     content: str | list[TextPart | ImagePart]
 
     @classmethod
-    def user(cls, text: str, images: list[ImagePart]) -> Message:
-        """A user message: the text alone, or the images first and then the text, as Anthropic advises."""
-        return cls(role="user", content=[*images, TextPart(text=text)] if images else text)
+    def user(cls, text: str, images: list[ImagePart], *, stable: str = "", images_change: bool = False) -> Message:
+        """A user message: the text alone, or the images first and then the text, as Anthropic advises.
+
+        With a `stable` prefix (the same on every call of a job) it comes first and ends at a cache point;
+        images that change from call to call (`images_change`, an artifact being judged) come after it.
+        """
+        if not stable:
+            return cls(role="user", content=[*images, TextPart(text=text)] if images else text)
+        head: list[TextPart | ImagePart] = [TextPart(text=stable, cache_point=True)]
+        tail: list[TextPart | ImagePart] = [TextPart(text=text)] if text else []
+        return cls(role="user", content=[*head, *images, *tail] if images_change else [*images, *head, *tail])
 
     def text(self) -> str:
         """The message's text, its text parts joined by newlines; images left out."""
@@ -80,6 +90,8 @@ class ChatRequest(StrictModel):
     response_schema: dict[str, Any] | None = None
     schema_name: str = "submit_verdict"
     schema_description: str = ""
+    cache_key: str | None = Field(default=None, description="Groups calls that share a prompt prefix (OpenAI's "
+                                  "`prompt_cache_key`), so they land where that prefix is cached.")
 
     def input_token_bound(self) -> int:
         """An over-estimate of the input tokens: a token never covers less than one UTF-8 byte."""

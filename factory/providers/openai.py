@@ -43,6 +43,8 @@ class OpenAIProvider(Provider):
                     *({"role": m.role, "content": _content(m)} for m in request.messages)]
         kwargs: dict[str, Any] = {"model": request.model, "messages": messages}
         kwargs["max_tokens" if self._compatible else "max_completion_tokens"] = request.max_tokens
+        if request.cache_key and not self._compatible:  # OpenAI caches prompt prefixes by itself; the key routes
+            kwargs["prompt_cache_key"] = request.cache_key
         if request.response_schema is not None:
             kwargs["response_format"] = {
                 "type": "json_schema",

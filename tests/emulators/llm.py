@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import itertools
 import json
 import math
+import os
 import random
 import threading
 import time
@@ -40,6 +42,12 @@ FAULT_KINDS = ("429", "500", "529", "malformed")
 # Faults of a reply the provider made and billed: a garbled body, one without `content` (or `choices`), one without
 # `usage`, one that trickles in a byte at a time. Any other fault is refused before any work, and bills nothing.
 BILLED_FAULTS = frozenset({"malformed", "no_content", "no_usage", "trickle"})
+# Prompt caching as the APIs document it: Anthropic caches the prefix up to a `cache_control` block (tools, system,
+# messages, in that order) for 5 minutes when it is at least its model's minimum; OpenAI caches any prompt of
+# 1,024 tokens or more by itself and reports the cached prefix in 128-token steps.
+CACHE_MIN_TOKENS = 1024
+CACHE_TTL_S = 300.0
+OPENAI_CACHE_STEP = 128
 
 
 @dataclass
@@ -51,6 +59,7 @@ class Billed:
     output_tokens: int
     cache_read_tokens: int = 0
     prompt: str = ""
+    cache_write_tokens: int = 0  # Anthropic's 5-minute cache writes
     usage_known: bool = True  # False: the client could not read what this reply billed (garbled, no usage, cut)
 
 
@@ -72,6 +81,7 @@ class Script:
     omit_usage: bool = False  # OpenAI replies carry no `usage`, as some OpenAI-compatible servers do
     trickle_s: float = 1.0  # the pause between the bytes of a "trickle" reply
     transcript: str = "An emulated transcript."  # what /v1/audio/transcriptions hears
+    judge: Any = None  # given the evaluator's request text, the verdict to answer (instead of `verdicts`)
 
 
 class Emulator(OpenAIMediaRoutes):
@@ -92,6 +102,8 @@ class Emulator(OpenAIMediaRoutes):
             self.media_billed: list[MediaBilled] = []
             self.faults_sent: list[str] = []
             self.trickles_finished = 0
+            self._anthropic_cache: dict[tuple[str, str], float] = {}  # (model, prefix hash) -> expiry
+            self._openai_prompts: dict[tuple[str, str | None], list[str]] = {}
             self._counters = {"executor": itertools.count(), "evaluator": itertools.count()}
             self._fault_iter = iter(self.script.faults)
             self._rng = random.Random(self.script.fault_seed)
@@ -107,9 +119,11 @@ class Emulator(OpenAIMediaRoutes):
                 return self._rng.choice(FAULT_KINDS)
         return None
 
-    def _next(self, role: str) -> tuple[int, Any]:
+    def _next(self, role: str, body: dict[str, Any]) -> tuple[int, Any]:
         with self._lock:
             n = next(self._counters[role])
+        if role == "evaluator" and self.script.judge is not None:
+            return n, self.script.judge(_prompt_text(body))
         items = self.script.executor if role == "executor" else self.script.verdicts
         return n, items[min(n, len(items) - 1)]
 
@@ -186,15 +200,19 @@ class Emulator(OpenAIMediaRoutes):
         if fault is not None:
             return fault
         role = "evaluator" if body.get("tools") else "executor"
-        n, item = self._next(role)
+        n, item = self._next(role, body)
         content, out_text = self._anthropic_content(role, n, item)
-        usage = self._bill("anthropic", role, body["model"], _prompt_text(body), out_text)
+        usage = self._bill("anthropic", role, body["model"], _prompt_text(body), out_text,
+                           cache=lambda total: self._anthropic_cached(body, total))
         return self._deliver({
             "id": f"msg_{uuid.uuid4().hex[:20]}", "type": "message", "role": "assistant", "model": body["model"],
             "content": content, "stop_reason": "tool_use" if any(c["type"] == "tool_use" for c in content)
             else "end_turn", "stop_sequence": None,
             "usage": {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
-                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": usage.cache_read_tokens},
+                      "cache_creation_input_tokens": usage.cache_write_tokens,
+                      "cache_read_input_tokens": usage.cache_read_tokens,
+                      "cache_creation": {"ephemeral_5m_input_tokens": usage.cache_write_tokens,
+                                         "ephemeral_1h_input_tokens": 0}},
         }, billed_fault, usage)
 
     def _anthropic_content(self, role: str, n: int, item: Any) -> tuple[list[dict], str]:
@@ -220,9 +238,11 @@ class Emulator(OpenAIMediaRoutes):
         if fault is not None:
             return fault
         role = "evaluator" if body.get("response_format") else "executor"
-        n, item = self._next(role)
+        n, item = self._next(role, body)
         text = item.format(n=n + 1) if role == "executor" else (json.dumps(item) if isinstance(item, dict) else item)
-        usage = self._bill("openai", role, body["model"], _prompt_text(body), text)
+        prompt = _prompt_text(body)
+        usage = self._bill("openai", role, body["model"], prompt, text,
+                           cache=lambda total: self._openai_cached(body, prompt, total))
         prompt_tokens = usage.input_tokens + usage.cache_read_tokens
         return self._deliver({
             "id": f"chatcmpl-{uuid.uuid4().hex[:20]}", "object": "chat.completion", "created": 1764000000,
@@ -234,12 +254,37 @@ class Emulator(OpenAIMediaRoutes):
                       "prompt_tokens_details": {"cached_tokens": usage.cache_read_tokens}},
         }, billed_fault, usage)
 
-    def _bill(self, api: str, role: str, model: str, prompt: str, output: str) -> Billed:
+    def _bill(self, api: str, role: str, model: str, prompt: str, output: str,
+              cache: Any = None) -> Billed:
         total_in = len(prompt) // 4 + 10
-        cached = min(self.script.cached_tokens, total_in)
-        billed = Billed(api, role, model, total_in - cached, len(output) // 4 + 5, cached, prompt)
+        if self.script.cached_tokens:  # scripted: that many tokens read from the cache, whatever was sent
+            read, written = min(self.script.cached_tokens, total_in), 0
+        else:
+            read, written = cache(total_in) if cache is not None else (0, 0)
+        billed = Billed(api, role, model, total_in - read - written, len(output) // 4 + 5, read, prompt, written)
         self.billed.append(billed)
         return billed
+
+    def _anthropic_cached(self, body: dict[str, Any], total: int) -> tuple[int, int]:
+        """(read, written): the prefix up to the last `cache_control` block, if long enough, read when cached."""
+        prefix = _anthropic_prefix(body)
+        if prefix is None or (tokens := min(len(prefix) // 4, total)) < CACHE_MIN_TOKENS:
+            return 0, 0
+        key, now = (body["model"], hashlib.sha256(prefix.encode()).hexdigest()), time.monotonic()
+        with self._lock:
+            hit = self._anthropic_cache.get(key, 0.0) > now
+            self._anthropic_cache[key] = now + CACHE_TTL_S  # a hit refreshes the entry's lifetime
+        return (tokens, 0) if hit else (0, tokens)
+
+    def _openai_cached(self, body: dict[str, Any], prompt: str, total: int) -> tuple[int, int]:
+        """(read, 0): the longest prefix shared with an earlier prompt of the same model and cache key."""
+        key = (body["model"], body.get("prompt_cache_key"))
+        with self._lock:
+            earlier = self._openai_prompts.setdefault(key, [])
+            shared = max((_common_prefix(prompt, e) for e in earlier), default=0)
+            earlier.append(prompt)
+        tokens = min(shared // 4, total) // OPENAI_CACHE_STEP * OPENAI_CACHE_STEP
+        return (tokens, 0) if tokens >= CACHE_MIN_TOKENS else (0, 0)
 
 
 def _prompt_text(body: dict[str, Any]) -> str:
@@ -247,6 +292,21 @@ def _prompt_text(body: dict[str, Any]) -> str:
     parts += [json.dumps(_billable(m.get("content"))) for m in body.get("messages", [])]
     parts.append(json.dumps(body.get("tools") or body.get("response_format") or ""))
     return "".join(parts)
+
+
+def _anthropic_prefix(body: dict[str, Any]) -> str | None:
+    """The cached prefix as Anthropic orders it (tools, system, messages) up to the last `cache_control` block."""
+    blocks = [(m["role"], block) for m in body.get("messages", []) if isinstance(m.get("content"), list)
+              for block in m["content"]]
+    marks = [i for i, (_, block) in enumerate(blocks) if isinstance(block, dict) and block.get("cache_control")]
+    if not marks:
+        return None
+    head = [json.dumps(body.get("tools") or ""), json.dumps(body.get("system", ""))]
+    return "".join(head + [json.dumps(_billable([b])) for _, b in blocks[:marks[-1] + 1]])
+
+
+def _common_prefix(a: str, b: str) -> int:
+    return len(os.path.commonprefix([a, b]))
 
 
 def _billable(content: Any) -> Any:
