@@ -26,25 +26,41 @@ class Budget:
         self.limit = Decimal(str(limit_usd))
         self.spent = Decimal(0)
         self.records: list[CallRecord] = []
+        self.held = Decimal(0)
         self._charged: set[str] = set()
 
     @property
     def left(self) -> Decimal:
-        """What may still be spent: the limit less what was charged."""
-        return self.limit - self.spent
+        """What may still be spent: the limit less what was charged and what is held for calls running at once."""
+        return self.limit - self.spent - self.held
 
-    def check(self, worst_case: Decimal, what: str) -> None:
-        """Raise BudgetExceeded unless a call costing up to `worst_case` fits."""
-        if worst_case > self.left:
-            raise BudgetExceeded(float(worst_case), float(self.left), what)
+    def check(self, worst_case: Decimal, what: str, own_hold: Decimal = Decimal(0)) -> None:
+        """Raise BudgetExceeded unless a call costing up to `worst_case` fits; a call that runs on a hold may use
+        its own hold (`own_hold`), never another's."""
+        if worst_case > self.left + own_hold:
+            raise BudgetExceeded(float(worst_case), float(self.left + own_hold), what)
 
-    def charge(self, record: CallRecord) -> None:
-        """Add a billed call to the ledger; a record already charged (same id) is not charged again."""
+    def hold(self, amount: Decimal, what: str) -> None:
+        """Set `amount` aside for calls about to run at once, so that together they cannot cross the ceiling.
+
+        Raises:
+            BudgetExceeded: it does not fit; nothing is held.
+        """
+        self.check(amount, what)
+        self.held += amount
+
+    def release(self, amount: Decimal) -> None:
+        """Give back a hold once its calls are done (what they spent is in `spent`)."""
+        self.held -= amount
+
+    def charge(self, record: CallRecord) -> bool:
+        """Add a billed call to the ledger; a record already charged (same id) is not charged again (False)."""
         if record.id in self._charged:
-            return
+            return False
         self._charged.add(record.id)
         self.records.append(record)
         self.spent += record.cost_usd
+        return True
 
     def records_of(self, iteration: int) -> list[CallRecord]:
         """The calls charged to iteration `iteration`, in the order they were charged."""

@@ -131,6 +131,10 @@ CallbackUrl = Annotated[
 ]
 
 
+Candidates = Annotated[int, Field(ge=1, le=8, description="Best-of-K: artifacts made at once per iteration, each "
+                                  "checked and judged; the best carries forward.")]
+
+
 class Limits(StrictModel):
     """When to stop if the evaluator is never satisfied."""
 
@@ -160,6 +164,7 @@ class JobInput(StrictModel):
     evaluator_model: ModelName = None
     callback_url: CallbackUrl = None
     checks: Checks = Field(default_factory=list)
+    candidates: Candidates = 1
 
 
 class Usage(StrictModel):
@@ -223,6 +228,18 @@ class IterationOutput(StrictModel):
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
+class CandidateDetail(StrictModel):
+    """One of an iteration's best-of-K candidates: where it is, how it fared, what it cost."""
+
+    candidate: int = Field(ge=1)
+    artifact_ref: str
+    checks_passed: bool
+    converged: bool
+    confidence: float
+    cost_usd: float = Field(description="Its executor call and its evaluation (none when a check failed).")
+    chosen: bool = Field(description="The one the iteration kept: checks passed, converged, confidence.")
+
+
 class IterationDetail(StrictModel):
     """One iteration, as the JobResult sums it up."""
 
@@ -236,6 +253,17 @@ class IterationDetail(StrictModel):
                                                          "case, its usage being unknown.")
     checks: list[CheckResult] = Field(default_factory=list, description="The job's checks on this artifact, in "
                                       "order; when one failed, the evaluator was not asked.")
+    candidates: list[CandidateDetail] = Field(default_factory=list, description="With `candidates` > 1: every "
+                                              "candidate of the iteration; `artifact_ref` is the chosen one's.")
+
+
+class TokenTotals(StrictModel):
+    """The job's billed tokens, summed over every call (failed billed attempts included)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = Field(default=0, description="5-minute and 1-hour cache writes together.")
 
 
 class JobResult(StrictModel):
@@ -261,6 +289,9 @@ class JobResult(StrictModel):
     log_ref: str | None = None
     error: str | None = None
     dry_run: bool = Field(default=False, description="True when no model ran: every artifact is a placeholder.")
+    usage: TokenTotals = Field(default_factory=TokenTotals, description="Tokens billed, beside total_cost_usd.")
+    cache_savings_usd: float = Field(default=0.0, description="What prompt caching saved against sending every "
+                                     "cached token as plain input (negative while cache writes outweigh reads).")
 
 
 def utcnow() -> datetime:

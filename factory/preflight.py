@@ -146,7 +146,11 @@ async def plan_job(job: JobInput, settings: FactorySettings, storage: Storage, t
 
 
 def check_checks(job: JobInput, kind: MediaKind | None, settings: FactorySettings) -> None:
-    """Refuse checks this job cannot run: on media, python tests on anything but code, code the worker won't run."""
+    """Refuse what a media job cannot use (checks, candidates), python tests on anything but code, and code the
+    worker will not run."""
+    if job.candidates > 1 and kind is not None:
+        raise ConfigurationError("candidates", f"best-of-K is for text jobs; a {job.function.value} job makes one "
+                                               "artifact per iteration")
     if job.checks and kind is not None:
         raise ConfigurationError("checks", f"checks read text artifacts; a {job.function.value} job makes media")
     for index, check in enumerate(job.checks):

@@ -22,6 +22,7 @@ from factory.errors import StorageError
 from factory.eventlog import EventLog
 from factory.models import (
     CallbackUrl,
+    Candidates,
     Event,
     FunctionType,
     InputRefs,
@@ -57,6 +58,7 @@ async def factory(
     evaluator_model: ModelName = None,
     callback_url: CallbackUrl = None,
     checks: Checks = [],  # noqa: B006 - Prefect copies parameters; the flow never mutates them
+    candidates: Candidates = 1,
 ) -> JobResult:
     """Iterate executor -> evaluator until the artifact meets the objective or a limit is hit.
 
@@ -75,6 +77,8 @@ async def factory(
             flows/callback.py); a host that is not public is refused here, before anything is spent.
         checks: at most 20 deterministic checks (regex, length, json_schema, python) run on every artifact before
             the evaluator; one that fails skips the evaluator and goes back to the executor as feedback.
+        candidates: best-of-K (1..8, text jobs): K executor calls at once per iteration, each checked and judged,
+            the best carried forward; the budget holds the worst case of all K and their evaluation first.
 
     Returns:
         The JobResult.
@@ -86,7 +90,7 @@ async def factory(
         seed=seed, objective=objective, function=function, job_id=job_id or str(runtime.flow_run.id),
         input_refs=input_refs, output_ref=output_ref, log_ref=log_ref, limits=limits,
         executor_model=executor_model, evaluator_model=evaluator_model, callback_url=callback_url,
-        checks=checks,
+        checks=checks, candidates=candidates,
     )
     warnings = await check_callback_url(job.callback_url, settings) if job.callback_url else []
     plan = await plan_job(job, settings, storage, date.today())

@@ -23,7 +23,17 @@ from factory.budget import Budget
 from factory.checks import CheckResult, describe
 from factory.errors import BudgetExceeded, DeadlineExceeded, JobFailed, ProviderError, StorageError
 from factory.eventlog import EventLog
-from factory.models import Event, IterationDetail, IterationOutput, JobResult, StopReason, Verdict, utcnow
+from factory.models import (
+    CandidateDetail,
+    Event,
+    IterationDetail,
+    IterationOutput,
+    JobResult,
+    StopReason,
+    TokenTotals,
+    Verdict,
+    utcnow,
+)
 from factory.preflight import JobPlan, ModelPlan
 from factory.prompts import (
     EVALUATOR_SYSTEM,
@@ -33,8 +43,10 @@ from factory.prompts import (
     VERDICT_TOOL,
     VERDICT_TOOL_DESCRIPTION,
     Revision,
+    as_candidate,
     evaluator_prompt,
     executor_prompt,
+    user_message,
 )
 from factory.providers import DRY_RUN_MODEL, ChatRequest, ImagePart, Message
 from factory.settings import FactorySettings
@@ -80,6 +92,7 @@ class Iteration:
     duration_ms: int
     usage_known: bool = True
     checks: list[CheckResult] = field(default_factory=list)
+    candidates: list[CandidateDetail] = field(default_factory=list)
 
     @property
     def passed_checks(self) -> bool:
@@ -89,6 +102,45 @@ class Iteration:
     def rank(self) -> tuple[bool, bool, float, int]:
         """Best first: checks passed, converged, confidence, then the later of two equals."""
         return self.passed_checks, self.verdict.converged, self.verdict.confidence, self.number
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Which artifact of an iteration a call makes: the only one, or candidate `k` of `count`."""
+
+    k: int | None = None
+    count: int = 1
+
+    @property
+    def suffix(self) -> str:
+        return "" if self.k is None else f"-c{self.k}"
+
+    def role(self, base: str) -> str:
+        return base + self.suffix
+
+    @property
+    def fields(self) -> dict[str, int]:
+        """What the event log says of the slot: nothing for the only artifact."""
+        return {} if self.k is None else {"candidate": self.k}
+
+
+@dataclass
+class Outcome:
+    """One artifact of an iteration, checked and judged (or not, where `error` says why)."""
+
+    slot: Slot
+    made: Made
+    checks: list[CheckResult]
+    verdict: Verdict
+    error: Exception | None = None
+
+    @property
+    def passed_checks(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def rank(self) -> tuple[bool, bool, float]:
+        return self.passed_checks, self.verdict.converged, self.verdict.confidence
 
 
 @dataclass
@@ -173,55 +225,95 @@ class JobRun:
         await self.log.emit(Event.ITERATION_START, iteration=n, spent_usd=float(self.budget.spent))
         # The executor revises the best-judged artifact so far, never a later regression.
         best = max(self.iterations, key=lambda i: i.rank, default=None)
-        made = await (self._make_text(n, best) if self.plan.media_kind is None
-                      else make_media(self, n, best))
-        await self.log.emit(Event.EXECUTOR_RESPONSE, iteration=n, **made.output.model_dump())
-        checks = await self._check(n, made.shown) if self.plan.job.checks else []
-        try:
-            if all(c.passed for c in checks):
-                verdict = await self._judge(n, made.shown, made.images, checks)
-            else:  # known to fail: no money is spent judging it
-                verdict = checks_failed_verdict(checks)
-        except (BudgetExceeded, DeadlineExceeded, ProviderError) as exc:
-            # The artifact was paid for: keep it in the result, marked as not judged.
-            self._record(n, made, unjudged_verdict(str(exc)), started, checks)
-            raise
-        done = self._record(n, made, verdict, started, checks)
-        self.report.iteration(n, made.shown, made.location.ref, made.extension, verdict, done.cost,
-                              self.budget.spent, done.duration_ms, checks)
+        if self.plan.media_kind is not None:
+            outcomes = [await self._assess(n, Slot(), await make_media(self, n, best))]
+        else:
+            outcomes = await self._candidates(n, best)
+        chosen = max(outcomes, key=lambda o: o.rank)  # checks passed, converged, confidence
+        done = self._record(n, chosen, started, outcomes)
+        if chosen.error is not None:  # the artifact was paid for: it is in the result, marked as not judged
+            raise chosen.error
+        verdict = done.verdict
+        self.report.iteration(n, done.shown, done.artifact_ref, chosen.made.extension, verdict, done.cost,
+                              self.budget.spent, done.duration_ms, done.checks, done.candidates)
         calls = self.budget.records_of(n)
         await self.log.emit(Event.ITERATION_END, iteration=n, converged=verdict.converged,
                             confidence=verdict.confidence, cost_usd=float(done.cost),
                             spent_usd=float(self.budget.spent), duration_ms=done.duration_ms,
-                            usage_known=done.usage_known,
+                            usage_known=done.usage_known, artifact_ref=done.artifact_ref,
                             calls=[r.model_dump(mode="json", include=CALL_FIELDS) for r in calls])
         if (listener := progress_listener.get()) is not None:
             listener({"iteration": n, "max_cycles": self.plan.job.limits.max_cycles, "converged": verdict.converged,
                       "confidence": verdict.confidence, "spent_usd": float(self.budget.spent)})
         return done
 
-    async def _check(self, n: int, artifact: str) -> list[CheckResult]:
+    async def _candidates(self, n: int, best: Iteration | None) -> list[Outcome]:
+        """One artifact, or best-of-K: K distinct executor calls at once, each checked and judged. The worst case of
+        all K, and of their evaluation, is held before any starts, so together they cannot cross the ceiling."""
+        count = self.plan.job.candidates
+        slots = [Slot(k, count) for k in range(1, count + 1)] if count > 1 else [Slot()]
+        requests = [self._executor_request(best, slot) for slot in slots]
+        if count == 1:
+            return [await self._assess(n, slots[0], await self._make_text(n, slots[0], requests[0]))]
+        executor_worst = [self.plan.executor.price.worst_case(r.input_token_bound(), r.max_tokens) for r in requests]
+        evaluator_worst = self._evaluator_bound(n)
+        before = self.budget.held
+        self.budget.hold(sum(executor_worst) + evaluator_worst * count, f"the {count} candidates of iteration {n}")
+        try:
+            async with asyncio.TaskGroup() as group:
+                running = [group.create_task(self._candidate(n, slot, request, worst, evaluator_worst))
+                           for slot, request, worst in zip(slots, requests, executor_worst, strict=True)]
+            return [task.result() for task in running]
+        except* (BudgetExceeded, DeadlineExceeded, ProviderError, StorageError) as group_error:
+            raise group_error.exceptions[0] from None  # the job stops for the first cause, as with one candidate
+        finally:
+            self.budget.release(self.budget.held - before)  # what the calls that ended early did not give back
+
+    async def _candidate(self, n: int, slot: Slot, request: ChatRequest, executor_hold: Decimal,
+                         evaluator_hold: Decimal) -> Outcome:
+        made = await self._make_text(n, slot, request, held=executor_hold)
+        return await self._assess(n, slot, made, held=evaluator_hold)
+
+    async def _assess(self, n: int, slot: Slot, made: Made, held: Decimal = Decimal(0)) -> Outcome:
+        """Checks first; the evaluator only for an artifact that passed them. A call that could not be made leaves
+        the artifact not judged, with the cause kept for the iteration to raise once it is recorded."""
+        await self.log.emit(Event.EXECUTOR_RESPONSE, iteration=n, **slot.fields, **made.output.model_dump())
+        checks = await self._check(n, slot, made.shown) if self.plan.job.checks else []
+        if not all(c.passed for c in checks):  # known to fail: no money is spent judging it
+            self.budget.release(held)
+            return Outcome(slot, made, checks, checks_failed_verdict(checks))
+        try:
+            verdict = await self._judge(n, slot, made.shown, made.images, held)
+        except (BudgetExceeded, DeadlineExceeded, ProviderError) as exc:
+            return Outcome(slot, made, checks, unjudged_verdict(str(exc)), exc)
+        return Outcome(slot, made, checks, verdict)
+
+    async def _check(self, n: int, slot: Slot, artifact: str) -> list[CheckResult]:
         results = await check_artifact(n, self.plan.job.checks, artifact, self.settings.allow_code_checks)
-        await self.log.emit(Event.CHECKS_RESULT, iteration=n, passed=all(r.passed for r in results),
+        await self.log.emit(Event.CHECKS_RESULT, iteration=n, **slot.fields, passed=all(r.passed for r in results),
                             checks=[r.model_dump() for r in results])
         return results
 
-    async def _make_text(self, n: int, best: Iteration | None) -> Made:
-        inputs = self.plan.inputs
+    def _executor_request(self, best: Iteration | None, slot: Slot) -> ChatRequest:
+        inputs, job = self.plan.inputs, self.plan.job
         revision = None if best is None else Revision(
             best.shown, best.number, best.verdict.feedback_for_executor, best.verdict.strengths,
             best.verdict.weaknesses)
-        job = self.plan.job
-        prompt = executor_prompt(job.seed, job.objective, job.function,
-                                 [(i.ref, i.text) for i in inputs if i.text is not None],
-                                 [i.ref for i in inputs if i.image is not None], revision)
+        prompt = as_candidate(executor_prompt(job.seed, job.objective, job.function,
+                                              [(i.ref, i.text) for i in inputs if i.text is not None],
+                                              [i.ref for i in inputs if i.image is not None], revision),
+                              slot.k, slot.count)
         images = [i.image for i in inputs if i.image is not None]
-        request = ChatRequest(model=self.plan.executor.api_name, system=EXECUTOR_SYSTEM,
-                              messages=[Message.user(prompt, images)],
-                              max_tokens=self.settings.executor_max_tokens)
-        generated = await self.call(generate_artifact, Event.EXECUTOR_CALL, n, "executor", self.plan.executor, request)
+        return ChatRequest(model=self.plan.executor.api_name, system=EXECUTOR_SYSTEM,
+                           messages=[user_message(prompt, images, EXECUTOR_SYSTEM,
+                                                  self.plan.executor.price.min_cache_tokens)],
+                           max_tokens=self.settings.executor_max_tokens, cache_key=f"{job.job_id}-executor")
+
+    async def _make_text(self, n: int, slot: Slot, request: ChatRequest, held: Decimal = Decimal(0)) -> Made:
+        generated = await self.call(generate_artifact, Event.EXECUTOR_CALL, n, slot.role("executor"),
+                                    self.plan.executor, request, held=held)
         text, extension = render(self.plan.job.function, generated.reply.text)
-        location = self.plan.artifact_dir.child(f"iteration-{n:02d}{extension}")
+        location = self.plan.artifact_dir.child(f"iteration-{n:02d}{slot.suffix}{extension}")
         digest = await store_artifact(location, text.encode())
         output = IterationOutput(artifact_ref=location.ref, artifact_hash=digest, executor_model=generated.reply.model,
                                  cost_usd=float(sum(c.cost_usd for c in generated.calls)),
@@ -231,43 +323,64 @@ class JobRun:
                                            **generated.call.usage.model_dump()})
         return Made(text, text.encode(), extension, location, output)
 
-    def _record(self, n: int, made: Made, verdict: Verdict, started: float, checks: list[CheckResult]) -> Iteration:
-        done = Iteration(n, made.shown, made.data, made.location.ref, verdict, self.budget.spent_on(n),
+    def _record(self, n: int, chosen: Outcome, started: float, outcomes: list[Outcome]) -> Iteration:
+        candidates = [] if len(outcomes) < 2 else [
+            CandidateDetail(candidate=o.slot.k or 0, artifact_ref=o.made.location.ref, checks_passed=o.passed_checks,
+                            converged=o.verdict.converged, confidence=o.verdict.confidence,
+                            cost_usd=float(self.budget.spent_on(n, o.slot.role("executor"))
+                                           + self.budget.spent_on(n, o.slot.role("evaluator"))),
+                            chosen=o is chosen)
+            for o in outcomes]
+        made = chosen.made
+        done = Iteration(n, made.shown, made.data, made.location.ref, chosen.verdict, self.budget.spent_on(n),
                          int((time.perf_counter() - started) * 1000),
-                         all(r.usage_known for r in self.budget.records_of(n)), checks)
+                         all(r.usage_known for r in self.budget.records_of(n)), chosen.checks, candidates)
         self.iterations.append(done)
         return done
 
-    async def _judge(self, n: int, artifact: str, images: list[ImagePart], checks: list[CheckResult]) -> Verdict:
-        """The verdict on an artifact (media shown as images), with one repair call if the reply is unreadable."""
+    def _evaluator_request(self, artifact: str, images: list[ImagePart]) -> ChatRequest:
         job = self.plan.job
         history = [(i.number, i.verdict) for i in self.iterations if i.passed_checks and not i.verdict.parse_error]
         prompt = evaluator_prompt(job.objective, job.seed, artifact, self.plan.media_kind,
                                   min_confidence=job.limits.min_confidence,
                                   checks_passed=[describe(c) for c in job.checks], history=history)
-        request = ChatRequest(model=self.plan.evaluator.api_name, system=EVALUATOR_SYSTEM,
-                              messages=[Message.user(prompt, images)],
-                              max_tokens=self.settings.evaluator_max_tokens, response_schema=VERDICT_SCHEMA,
-                              schema_name=VERDICT_TOOL, schema_description=VERDICT_TOOL_DESCRIPTION)
-        first = await self.call(evaluate_artifact, Event.EVALUATOR_CALL, n, "evaluator", self.plan.evaluator, request)
+        return ChatRequest(model=self.plan.evaluator.api_name, system=EVALUATOR_SYSTEM,
+                           messages=[user_message(prompt, images, EVALUATOR_SYSTEM,
+                                                  self.plan.evaluator.price.min_cache_tokens, images_change=True)],
+                           cache_key=f"{job.job_id}-evaluator",
+                           max_tokens=self.settings.evaluator_max_tokens, response_schema=VERDICT_SCHEMA,
+                           schema_name=VERDICT_TOOL, schema_description=VERDICT_TOOL_DESCRIPTION)
+
+    def _evaluator_bound(self, n: int) -> Decimal:
+        """The most judging one text candidate can cost: its artifact is at most the executor's output."""
+        request = self._evaluator_request("", [])
+        return self.plan.evaluator.price.worst_case(request.input_token_bound() + self.settings.executor_max_tokens,
+                                                    request.max_tokens)
+
+    async def _judge(self, n: int, slot: Slot, artifact: str, images: list[ImagePart], held: Decimal) -> Verdict:
+        """The verdict on an artifact (media shown as images), with one repair call if the reply is unreadable."""
+        request = self._evaluator_request(artifact, images)
+        role = slot.role("evaluator")
+        first = await self.call(evaluate_artifact, Event.EVALUATOR_CALL, n, role, self.plan.evaluator, request,
+                                held=held)
         try:
             verdict = parse_verdict(first.reply.structured, first.reply.text)
         except UnreadableVerdict as exc:
-            verdict = await self._repair(n, request, first, str(exc))
-        cost = self.budget.spent_on(n, "evaluator")
+            verdict = await self._repair(n, role, request, first, str(exc))
+        cost = self.budget.spent_on(n, role)
         verdict = verdict.model_copy(update={"evaluator_model": first.reply.model, "cost_usd": float(cost)})
-        await self.log.emit(Event.EVALUATOR_RESPONSE, iteration=n, **verdict.model_dump())
+        await self.log.emit(Event.EVALUATOR_RESPONSE, iteration=n, **slot.fields, **verdict.model_dump())
         return verdict
 
-    async def _repair(self, n: int, request: ChatRequest, first: CallResult, error: str) -> Verdict:
+    async def _repair(self, n: int, role: str, request: ChatRequest, first: CallResult, error: str) -> Verdict:
         said = first.reply.text.strip() or str(first.reply.structured or "(an empty reply)")
         repair = request.model_copy(update={"messages": [
             *request.messages, Message(role="assistant", content=said),
             Message(role="user", content=REPAIR_INSTRUCTION.format(error=error))]})
         get_run_logger().warning("Iteration %d: evaluator reply unreadable (%s); asking once more.", n, error)
         try:
-            second = await self.call(evaluate_artifact, Event.EVALUATOR_CALL, n, "evaluator-repair",
-                                      self.plan.evaluator, repair)
+            second = await self.call(evaluate_artifact, Event.EVALUATOR_CALL, n, f"{role}-repair",
+                                     self.plan.evaluator, repair)
         except BudgetExceeded as exc:
             return unparseable_verdict(f"{error}; not asked again: {exc}")
         try:
@@ -276,20 +389,25 @@ class JobRun:
             return unparseable_verdict(f"{error}; after one repair: {exc}")
 
     async def call(self, task: Any, event: Event, n: int, role: str, model: ModelPlan, request: Any,
-                   worst: Decimal | None = None, **extra: Any) -> Any:
+                   worst: Decimal | None = None, held: Decimal = Decimal(0), **extra: Any) -> Any:
         """Make a call through its task, which checks each attempt's worst case against the budget and charges
         every billed attempt; the records of a result read from the cache (a re-run) are charged here.
 
-        `worst` defaults to a chat request's bound; media calls pass their own.
+        `worst` defaults to a chat request's bound; media calls pass their own. `held` is this call's share of a
+        hold (candidates running at once): it may spend into it, and gives it back when it ends.
         """
-        if worst is None:
-            worst = model.price.worst_case(request.input_token_bound(), request.max_tokens)
-        what = f"the {role} call of iteration {n}"
-        self.report.budget(self.budget.spent, worst, what)
-        self.budget.check(worst, what)  # before the event: a call that cannot fit is never announced
-        await self.log.emit(event, iteration=n, role=role, model=model.name, worst_case_usd=float(worst))
-        allowance = Allowance(budget=self.budget, price=model.price, worst=worst, deadline=self.deadline)
-        result = await task(self.plan.job.job_id, n, role, model.provider, request, allowance=allowance, **extra)
+        try:
+            if worst is None:
+                worst = model.price.worst_case(request.input_token_bound(), request.max_tokens)
+            what = f"the {role} call of iteration {n}"
+            self.report.budget(self.budget.spent, worst, what)
+            self.budget.check(worst, what, held)  # before the event: a call that cannot fit is never announced
+            await self.log.emit(event, iteration=n, role=role, model=model.name, worst_case_usd=float(worst))
+            allowance = Allowance(budget=self.budget, price=model.price, worst=worst, deadline=self.deadline,
+                                  held=held)
+            result = await task(self.plan.job.job_id, n, role, model.provider, request, allowance=allowance, **extra)
+        finally:
+            self.budget.release(held)
         for record in result.calls:
             self.budget.charge(record)
         return result
@@ -337,8 +455,22 @@ class JobRun:
             iterations_detail=[IterationDetail(iteration=i.number, duration_ms=i.duration_ms,
                                                converged=i.verdict.converged, confidence=i.verdict.confidence,
                                                cost_usd=float(i.cost), artifact_ref=i.artifact_ref,
-                                               usage_known=i.usage_known, checks=i.checks)
+                                               usage_known=i.usage_known, checks=i.checks,
+                                               candidates=i.candidates)
                                for i in self.iterations],
             log_ref=self.plan.log_path.ref, error=error,
             dry_run=DRY_RUN_MODEL in (self.plan.executor.name, self.plan.evaluator.name),
+            usage=self._token_totals(), cache_savings_usd=float(self._cache_savings()),
         )
+
+    def _token_totals(self) -> TokenTotals:
+        usages = [r.usage for r in self.budget.records]
+        return TokenTotals(input_tokens=sum(u.input_tokens for u in usages),
+                           output_tokens=sum(u.output_tokens for u in usages),
+                           cache_read_tokens=sum(u.cache_read_tokens for u in usages),
+                           cache_write_tokens=sum(u.cache_write_5m_tokens + u.cache_write_1h_tokens for u in usages))
+
+    def _cache_savings(self) -> Decimal:
+        prices = {m.api_name: m.price for m in (self.plan.executor, self.plan.evaluator, self.plan.transcriber) if m}
+        return sum((prices[r.model].cache_savings(r.usage) for r in self.budget.records if r.model in prices),
+                   Decimal(0))

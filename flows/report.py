@@ -32,7 +32,7 @@ from prefect.artifacts import (
 from prefect.events.worker import EventsWorker, should_emit_events
 
 from factory.checks import CheckResult, trim
-from factory.models import FunctionType, JobResult, Limits, Verdict
+from factory.models import CandidateDetail, FunctionType, JobResult, Limits, Verdict
 
 MAX_INLINE_CHARS = 4000
 TABLE_DETAIL_CHARS = 300  # a check's detail in the iteration's table; the full one is in the JobResult
@@ -63,6 +63,23 @@ def _checks_table(checks: list[CheckResult]) -> str:
         detail = trim(c.detail, TABLE_DETAIL_CHARS).replace("|", "\\|").replace("\n", " ")
         rows.append(f"| {c.type} | {'passed' if c.passed else '**failed**'} | {detail} |")
     return "\n".join(rows)
+
+
+def _candidates_table(candidates: list[CandidateDetail]) -> str:
+    rows = ["| candidate | checks | verdict | confidence | cost | artifact |", "|---|---|---|---|---|---|"]
+    for c in candidates:
+        rows.append(f"| c{c.candidate}{' (kept)' if c.chosen else ''} | {'passed' if c.checks_passed else 'failed'} "
+                    f"| {'converged' if c.converged else 'not converged'} | {c.confidence:.2f} | ${c.cost_usd:.6f} "
+                    f"| `{c.artifact_ref}` |")
+    return "\n".join(rows)
+
+
+def _caching_line(result: JobResult) -> str:
+    usage = result.usage
+    if not (usage.cache_read_tokens or usage.cache_write_tokens):
+        return ""
+    return (f"\n\n**Prompt caching:** {usage.cache_read_tokens} tokens read from the cache, "
+            f"{usage.cache_write_tokens} written; saved ${result.cache_savings_usd:.6f} against no caching.")
 
 
 def _checks_cell(checks: list[CheckResult] | None) -> str:
@@ -111,7 +128,8 @@ class JobReport:
         await flush_events()
 
     def iteration(self, n: int, artifact: str, ref: str, extension: str, verdict: Verdict, cost: Decimal,
-                  spent: Decimal, duration_ms: int, checks: list[CheckResult] | None = None) -> None:
+                  spent: Decimal, duration_ms: int, checks: list[CheckResult] | None = None,
+                  candidates: list[CandidateDetail] | None = None) -> None:
         shown = artifact[:MAX_INLINE_CHARS]
         if len(artifact) > MAX_INLINE_CHARS:
             shown += f"\n... {len(artifact) - MAX_INLINE_CHARS} more characters in the full file"
@@ -124,6 +142,7 @@ class JobReport:
             f"**Cost:** ${cost:.6f} (job so far ${spent:.6f}) · **Duration:** {duration_ms / 1000:.1f} s",
             f"**Artifact:** `{ref}`",
             *(["## Checks\n" + _checks_table(checks)] if checks else []),
+            *(["## Candidates\n" + _candidates_table(candidates)] if candidates else []),
             "## Strengths\n" + _bullets(verdict.strengths),
             "## Weaknesses\n" + _bullets(verdict.weaknesses),
             "## Feedback for the executor\n" + (verdict.feedback_for_executor or "_none_"),
@@ -135,7 +154,9 @@ class JobReport:
         self.rows.append({"n": n, "converged": verdict.converged, "confidence": round(verdict.confidence, 4),
                           "cost_usd": float(cost), "cumulative_usd": float(spent),
                           "duration_s": round(duration_ms / 1000, 2), "artifact_ref": ref,
-                          "checks": _checks_cell(checks)})
+                          "checks": _checks_cell(checks),
+                          "candidates": f"{len(candidates)}, kept c{next(c.candidate for c in candidates if c.chosen)}"
+                          if candidates else ""})
         rows = list(self.rows)
         self._send(lambda: acreate_table_artifact(rows, key=artifact_key(self.job_id, "iterations"),
                                                   description=f"Iterations of job {self.job_id}"))
@@ -179,6 +200,7 @@ class JobReport:
         head = (f"# Job `{result.job_id}`: {result.status.value} ({result.stop_reason.value})\n\n"
                 f"{result.total_iterations} iteration(s), ${result.total_cost_usd:.6f}, "
                 f"{result.total_duration_ms / 1000:.1f} s. Final artifact: `{result.final_artifact_ref}`"
+                + _caching_line(result)
                 + (f"\n\n**Error:** {result.error}" if result.error else ""))
         self._send(lambda: acreate_markdown_artifact(
             head + "\n\n## JobResult\n" + fenced(result.model_dump_json(indent=2), "json"),

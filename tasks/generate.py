@@ -10,7 +10,7 @@ from tasks.retry import Allowance, Call
 
 
 @task(name="generate_artifact", cache_key_fn=call_cache_key, persist_result=True,
-      task_run_name="generate-{job_id}-{iteration}")
+      task_run_name="generate-{job_id}-{iteration}-{role}")
 async def generate_artifact(
     job_id: str, iteration: int, role: str, provider: str, request: ChatRequest, allowance: Allowance
 ) -> CallResult:

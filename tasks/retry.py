@@ -44,6 +44,7 @@ class Allowance:
     price: Price
     worst: Decimal
     deadline: float = float("inf")
+    held: Decimal = Decimal(0)  # this call's share of a hold (candidates run at once): it may spend into it
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ async def with_retries(attempt: Attempt[R], call: Call, allowance: Allowance,
     settings = get_settings()
     records: list[CallRecord] = []
     for number in range(1, settings.retries + 2):
-        allowance.budget.check(allowance.worst, call.what)
+        allowance.budget.check(allowance.worst, call.what, allowance.held)
         timeout = time_left(allowance.deadline, call, bound_s)
         started = time.perf_counter()
         try:

@@ -62,7 +62,7 @@ def test_content_cannot_forge_its_own_end_marker():
 def test_the_executor_sees_the_objective_the_artifact_to_revise_and_its_review_delimited():
     revision = Revision("old haiku", 2, "more water", ["brief"], ["5-7-6"])
     prompt = executor_prompt("Write a haiku.", "A haiku about rivers.", FunctionType.TEXT_GENERATION,
-                             [("notes.txt", "rivers run")], [], revision)
+                             [("notes.txt", "rivers run")], [], revision).text
     assert prompt.startswith("Instruction:\nWrite a haiku.")
     assert delimit("OBJECTIVE", "A haiku about rivers.") in prompt
     assert delimit("INPUT", "rivers run") in prompt and delimit("ARTIFACT", "old haiku") in prompt
@@ -75,19 +75,20 @@ def test_the_stable_part_of_the_executor_prompt_comes_first_and_never_changes():
     first = executor_prompt("Write a haiku.", "A haiku.", FunctionType.TEXT_GENERATION, [("n.txt", "x")], [], None)
     later = executor_prompt("Write a haiku.", "A haiku.", FunctionType.TEXT_GENERATION, [("n.txt", "x")], [],
                             Revision("draft", 1, "shorter"))
-    assert later.startswith(first) and "ARTIFACT" not in first and "REVIEW" not in first
+    assert later.stable == first.stable and first.changing == ""
+    assert later.text.startswith(first.text) and "ARTIFACT" in later.changing and "REVIEW" not in first.text
 
 
 def test_the_evaluator_knows_the_threshold_the_checks_that_passed_and_its_last_three_verdicts():
     history = [(n, Verdict(converged=False, confidence=n / 10, feedback_for_executor=f"fix {n}")) for n in range(1, 6)]
     text = evaluator_prompt("A haiku about rivers.", "Write a haiku.", "flowing water", min_confidence=0.85,
-                            checks_passed=["length: 3..3 lines"], history=history)
+                            checks_passed=["length: 3..3 lines"], history=history).text
     assert "A haiku about rivers." in text and delimit("ARTIFACT", "flowing water") in text
     assert "confidence >= 0.85" in text and "- length: 3..3 lines" in text
     assert "iteration 3:" in text and "fix 5" in text and "iteration 2:" not in text
     assert text.index("HISTORY") < text.index("<<<ARTIFACT")
     assert "complete prompt" not in text
-    assert "complete prompt" in evaluator_prompt("A red square.", "Paint.", "image", MediaKind.IMAGE)
+    assert "complete prompt" in evaluator_prompt("A red square.", "Paint.", "image", MediaKind.IMAGE).text
 
 
 @pytest.mark.parametrize("function, reply, text, extension", [
