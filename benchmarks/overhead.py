@@ -50,6 +50,7 @@ async def bare_loop(iterations: int) -> float:
         EXECUTOR_SYSTEM,
         VERDICT_SCHEMA,
         VERDICT_TOOL,
+        Revision,
         evaluator_prompt,
         executor_prompt,
     )
@@ -59,10 +60,10 @@ async def bare_loop(iterations: int) -> float:
     started = time.perf_counter()
     provider = make_provider("anthropic", SecretStr(os.environ["ANTHROPIC_API_KEY"]))
     job, artifact, verdict = params(iterations), None, None
-    for _ in range(iterations):
-        prompt = executor_prompt(job["seed"], FunctionType.TEXT_GENERATION, [], [], artifact,
-                                 verdict.feedback_for_executor if verdict else None,
-                                 verdict.strengths if verdict else [], verdict.weaknesses if verdict else [])
+    for n in range(iterations):
+        revision = None if verdict is None or artifact is None else Revision(
+            artifact, n, verdict.feedback_for_executor, verdict.strengths, verdict.weaknesses)
+        prompt = executor_prompt(job["seed"], job["objective"], FunctionType.TEXT_GENERATION, [], [], revision).text
         reply = await provider.complete(ChatRequest(model="claude-sonnet-5-5", system=EXECUTOR_SYSTEM,
                                                     messages=[Message(role="user", content=prompt)],
                                                     max_tokens=8192), timeout_s=60)
@@ -70,7 +71,7 @@ async def bare_loop(iterations: int) -> float:
         judged = await provider.complete(ChatRequest(
             model="claude-sonnet-5-5", system=EVALUATOR_SYSTEM, max_tokens=4096, response_schema=VERDICT_SCHEMA,
             schema_name=VERDICT_TOOL, messages=[Message(role="user", content=evaluator_prompt(
-                job["objective"], job["seed"], artifact))]), timeout_s=60)
+                job["objective"], job["seed"], artifact).text)]), timeout_s=60)
         verdict = parse_verdict(judged.structured, judged.text)
     wall = time.perf_counter() - started
     await provider.aclose()
