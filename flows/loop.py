@@ -34,7 +34,7 @@ from factory.models import (
     Verdict,
     utcnow,
 )
-from factory.preflight import JobPlan, ModelPlan
+from factory.preflight import JobPlan
 from factory.prompts import (
     EVALUATOR_SYSTEM,
     EXECUTOR_SYSTEM,
@@ -58,13 +58,13 @@ from factory.verdict import (
     unjudged_verdict,
     unparseable_verdict,
 )
-from flows.media import Made, make_media
+from flows.media import make_media
 from flows.report import JobReport
+from flows.step import Made, PaidCalls
 from tasks.calls import CallResult
 from tasks.check import check_artifact
 from tasks.evaluate import evaluate_artifact
 from tasks.generate import generate_artifact
-from tasks.retry import Allowance
 from tasks.store import store_artifact
 
 # Who wants to hear of each finished iteration in this context (the RunPod handler's progress_update).
@@ -176,9 +176,11 @@ class JobRun:
     iterations: list[Iteration] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.budget = Budget(self.plan.job.limits.budget_usd)
-        self.deadline = time.time() + self.plan.job.limits.timeout_minutes * 60
-        self.report = JobReport(self.plan.job.job_id, self.plan.job.function, self.plan.job.limits)
+        job = self.plan.job
+        self.budget = Budget(job.limits.budget_usd)
+        self.deadline = time.time() + job.limits.timeout_minutes * 60
+        self.report = JobReport(job.job_id, job.function, job.limits)
+        self.calls = PaidCalls(job.job_id, self.budget, self.log, self.report, self.deadline)
 
     async def run(self) -> JobResult:
         """Iterate until a stop reason, then write the result and close the log."""
@@ -226,7 +228,8 @@ class JobRun:
         # The executor revises the best-judged artifact so far, never a later regression.
         best = max(self.iterations, key=lambda i: i.rank, default=None)
         if self.plan.media_kind is not None:
-            outcomes = [await self._assess(n, Slot(), await make_media(self, n, best))]
+            outcomes = [await self._assess(n, Slot(), await make_media(self.calls, self.plan, self.settings, n,
+                                                         best.verdict.feedback_for_executor if best else None))]
         else:
             outcomes = await self._candidates(n, best)
         chosen = max(outcomes, key=lambda o: o.rank)  # checks passed, converged, confidence
@@ -310,7 +313,7 @@ class JobRun:
                            max_tokens=self.settings.executor_max_tokens, cache_key=f"{job.job_id}-executor")
 
     async def _make_text(self, n: int, slot: Slot, request: ChatRequest, held: Decimal = Decimal(0)) -> Made:
-        generated = await self.call(generate_artifact, Event.EXECUTOR_CALL, n, slot.role("executor"),
+        generated = await self.calls.call(generate_artifact, Event.EXECUTOR_CALL, n, slot.role("executor"),
                                     self.plan.executor, request, held=held)
         text, extension = render(self.plan.job.function, generated.reply.text)
         location = self.plan.artifact_dir.child(f"iteration-{n:02d}{slot.suffix}{extension}")
@@ -361,7 +364,7 @@ class JobRun:
         """The verdict on an artifact (media shown as images), with one repair call if the reply is unreadable."""
         request = self._evaluator_request(artifact, images)
         role = slot.role("evaluator")
-        first = await self.call(evaluate_artifact, Event.EVALUATOR_CALL, n, role, self.plan.evaluator, request,
+        first = await self.calls.call(evaluate_artifact, Event.EVALUATOR_CALL, n, role, self.plan.evaluator, request,
                                 held=held)
         try:
             verdict = parse_verdict(first.reply.structured, first.reply.text)
@@ -379,7 +382,7 @@ class JobRun:
             Message(role="user", content=REPAIR_INSTRUCTION.format(error=error))]})
         get_run_logger().warning("Iteration %d: evaluator reply unreadable (%s); asking once more.", n, error)
         try:
-            second = await self.call(evaluate_artifact, Event.EVALUATOR_CALL, n, f"{role}-repair",
+            second = await self.calls.call(evaluate_artifact, Event.EVALUATOR_CALL, n, f"{role}-repair",
                                      self.plan.evaluator, repair)
         except BudgetExceeded as exc:
             return unparseable_verdict(f"{error}; not asked again: {exc}")
@@ -387,30 +390,6 @@ class JobRun:
             return parse_verdict(second.reply.structured, second.reply.text)
         except UnreadableVerdict as exc:
             return unparseable_verdict(f"{error}; after one repair: {exc}")
-
-    async def call(self, task: Any, event: Event, n: int, role: str, model: ModelPlan, request: Any,
-                   worst: Decimal | None = None, held: Decimal = Decimal(0), **extra: Any) -> Any:
-        """Make a call through its task, which checks each attempt's worst case against the budget and charges
-        every billed attempt; the records of a result read from the cache (a re-run) are charged here.
-
-        `worst` defaults to a chat request's bound; media calls pass their own. `held` is this call's share of a
-        hold (candidates running at once): it may spend into it, and gives it back when it ends.
-        """
-        try:
-            if worst is None:
-                worst = model.price.worst_case(request.input_token_bound(), request.max_tokens)
-            what = f"the {role} call of iteration {n}"
-            self.report.budget(self.budget.spent, worst, what)
-            self.budget.check(worst, what, held)  # before the event: a call that cannot fit is never announced
-            await self.log.emit(event, iteration=n, role=role, model=model.name, worst_case_usd=float(worst))
-            allowance = Allowance(budget=self.budget, price=model.price, worst=worst, deadline=self.deadline,
-                                  held=held)
-            result = await task(self.plan.job.job_id, n, role, model.provider, request, allowance=allowance, **extra)
-        finally:
-            self.budget.release(held)
-        for record in result.calls:
-            self.budget.charge(record)
-        return result
 
     async def _finish(self, stop: StopReason, started_at: datetime, error: str | None,
                       note: str | None = None) -> JobResult:

@@ -9,52 +9,36 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from factory.artifacts import MEDIA_EXTENSIONS
 from factory.media import MediaKind, MediaRequest
 from factory.media.base import MediaFacts
 from factory.models import Event, IterationOutput
+from factory.preflight import JobPlan
 from factory.prompts import media_description
-from factory.providers import ImagePart
-from factory.storage import Location
+from factory.settings import FactorySettings
+from flows.step import Made, PaidCalls
 from tasks.media import MediaCallResult, TranscriptCallResult, generate_media, media_usage_bound, transcribe_audio
 from tasks.store import store_artifact
 
-if TYPE_CHECKING:
-    from flows.loop import Iteration, JobRun
+
+def media_prompt(seed: str, feedback: str | None) -> str:
+    """The seed, until the evaluator has written the complete revised prompt as its feedback."""
+    return (feedback or "").strip() or seed
 
 
-@dataclass
-class Made:
-    """What the executor step produced: what the evaluator reads, and what is stored."""
-
-    shown: str
-    data: bytes
-    extension: str
-    location: Location
-    output: IterationOutput
-    images: list[ImagePart] = field(default_factory=list)
-
-
-def media_prompt(seed: str, previous: Iteration | None) -> str:
-    revised = previous.verdict.feedback_for_executor.strip() if previous else ""
-    return revised or seed
-
-
-async def make_media(run: JobRun, n: int, previous: Iteration | None) -> Made:
+async def make_media(calls: PaidCalls, plan: JobPlan, settings: FactorySettings, n: int,
+                     feedback: str | None) -> Made:
+    """Generate, store and prepare one media artifact from the seed or the evaluator's revised prompt."""
     from factory.media.probe import facts_text, thumbnail  # PyAV, Pillow, NumPy: media jobs only
 
-    plan = run.plan
     kind = plan.media_kind
     assert kind is not None, "a media step runs only in a media job"
-    settings = run.settings
-    request = MediaRequest(kind=kind, model=plan.executor.api_name, prompt=media_prompt(plan.job.seed, previous),
+    request = MediaRequest(kind=kind, model=plan.executor.api_name, prompt=media_prompt(plan.job.seed, feedback),
                            width=settings.media_width, height=settings.media_height,
                            duration_s=settings.media_seconds)
     worst = plan.executor.price.cost(await media_usage_bound(plan.executor.provider, request))
-    generated: MediaCallResult = await run.call(generate_media, Event.EXECUTOR_CALL, n, "executor",
+    generated: MediaCallResult = await calls.call(generate_media, Event.EXECUTOR_CALL, n, "executor",
                                                  plan.executor, request, worst, rejects=plan.artifact_dir)
     media, facts, images = generated.result, generated.facts, generated.shown
     extension = MEDIA_EXTENSIONS.get(media.media_type, ".bin")
@@ -62,10 +46,10 @@ async def make_media(run: JobRun, n: int, previous: Iteration | None) -> Made:
     digest = await store_artifact(location, media.data)
     if images:  # the image, or a video's first frame, in the UI too
         first = images[0]
-        run.report.picture(n, await asyncio.to_thread(thumbnail, base64.b64decode(first.data), first.media_type))
+        calls.report.picture(n, await asyncio.to_thread(thumbnail, base64.b64decode(first.data), first.media_type))
     transcript = None
     if kind is MediaKind.AUDIO:
-        transcript = (await _transcribe(run, n, request, generated, facts)).transcript.text
+        transcript = (await _transcribe(calls, plan, n, request, generated, facts)).transcript.text
     shown = media_description(kind, request.prompt, facts_text(facts), transcript, len(images))
     output = IterationOutput(
         artifact_ref=location.ref, artifact_hash=digest, executor_model=media.model,
@@ -75,13 +59,13 @@ async def make_media(run: JobRun, n: int, previous: Iteration | None) -> Made:
     return Made(shown, media.data, extension, location, output, images)
 
 
-async def _transcribe(run: JobRun, n: int, request: MediaRequest, generated: MediaCallResult,
+async def _transcribe(calls: PaidCalls, plan: JobPlan, n: int, request: MediaRequest, generated: MediaCallResult,
                       facts: MediaFacts) -> TranscriptCallResult:
     from factory.media.openai import OpenAIMediaGenerator  # the SDK costs ~1 s to import: audio jobs only
 
-    transcriber = run.plan.transcriber
+    transcriber = plan.transcriber
     assert transcriber is not None, "planned for every audio job"
     worst = transcriber.price.cost(OpenAIMediaGenerator.transcription_bound(facts.duration_s or 0))
-    transcribed: TranscriptCallResult = await run.call(transcribe_audio, Event.EXECUTOR_CALL, n, "transcriber",
+    transcribed: TranscriptCallResult = await calls.call(transcribe_audio, Event.EXECUTOR_CALL, n, "transcriber",
                                                        transcriber, request, worst, audio=generated.result)
     return transcribed

@@ -1,0 +1,68 @@
+"""What the loop's steps share: the gateway every paid call goes through, and what a making step returns.
+
+Steps (make text, make media, check, judge) take plain inputs and this gateway, never the whole job run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from factory.budget import Budget
+from factory.eventlog import EventLog
+from factory.models import Event, IterationOutput
+from factory.preflight import ModelPlan
+from factory.providers import ImagePart
+from factory.storage import Location
+from flows.report import JobReport
+from tasks.retry import Allowance
+
+
+@dataclass
+class Made:
+    """What a making step produced: what the evaluator reads, and what is stored."""
+
+    shown: str
+    data: bytes
+    extension: str
+    location: Location
+    output: IterationOutput
+    images: list[ImagePart] = field(default_factory=list)
+
+
+@dataclass
+class PaidCalls:
+    """Every paid call of a job goes through `call`: its worst case is checked against the budget and announced
+    in the event log and the UI's budget artifact before it is made, and what it billed is charged once."""
+
+    job_id: str
+    budget: Budget
+    log: EventLog
+    report: JobReport
+    deadline: float
+
+    async def call(self, task: Any, event: Event, n: int, role: str, model: ModelPlan, request: Any,
+                   worst: Decimal | None = None, held: Decimal = Decimal(0), **extra: Any) -> Any:
+        """Make a call through its task, which checks each attempt's worst case against the budget and charges
+        every billed attempt; the records of a result read from the cache (a re-run) are charged here.
+
+        `worst` defaults to a chat request's bound; media calls pass their own. `held` is this call's share of a
+        hold (candidates running at once): it may spend into it, and gives it back when it ends.
+        """
+        try:
+            if worst is None:
+                worst = model.price.worst_case(request.input_token_bound(), request.max_tokens)
+            what = f"the {role} call of iteration {n}"
+            self.report.budget(self.budget.spent, worst, what)
+            self.budget.check(worst, what, held)  # before the event: a call that cannot fit is never announced
+            await self.log.emit(event, iteration=n, role=role, model=model.name, worst_case_usd=float(worst))
+            allowance = Allowance(budget=self.budget, price=model.price, worst=worst, deadline=self.deadline,
+                                  held=held)
+            result = await task(self.job_id, n, role, model.provider, request, allowance=allowance, **extra)
+        finally:
+            self.budget.release(held)
+        for record in result.calls:
+            self.budget.charge(record)
+        return result
+
