@@ -216,6 +216,11 @@ def _namespace_script(root: str, work: str, argv: Sequence[str], tools: dict[str
              f"R={q(root)}",
              f"ro_bind() {{ mount --bind \"$1\" \"$R$1\"; mount -o remount,bind,ro,{ro} \"$R$1\"; }}",
              f"mount -t tmpfs -o mode=755,size=1m,{ro} sandbox-root \"$R\""]
+    # Scratch tmpfs first: a venv or interpreter that lives under /tmp (a CI checkout) is bound on top of it,
+    # not hidden beneath it.
+    for path in SCRATCH_DIRS:
+        lines.append(f"mkdir -p \"$R{path}\" && mount -t tmpfs -o mode=1777,size={SCRATCH_TMPFS_SIZE},{ro} "
+                     f"tmpfs \"$R{path}\"")
     for path in (*SYSTEM_DIRS, *_python_roots()):
         if os.path.islink(path) and path in SYSTEM_DIRS:  # merged /usr: /bin -> usr/bin
             lines.append(f"ln -s {q(os.readlink(path))} \"$R\"{q(path)}")
@@ -228,9 +233,6 @@ def _namespace_script(root: str, work: str, argv: Sequence[str], tools: dict[str
     for name in DEVICES:  # device binds keep their own mount's flags: the root's nodev does not apply
         lines.append(f"touch \"$R/dev/{name}\" && mount --bind /dev/{name} \"$R/dev/{name}\"")
     lines.append(f"mount -t proc -o {ro},noexec proc \"$R/proc\"")
-    for path in SCRATCH_DIRS:
-        lines.append(f"mkdir -p \"$R{path}\" && mount -t tmpfs -o mode=1777,size={SCRATCH_TMPFS_SIZE},{ro} "
-                     f"tmpfs \"$R{path}\"")
     lines += [f"mkdir \"$R{INSIDE_DIR}\" && mount --bind {q(work)} \"$R{INSIDE_DIR}\"",
               f"mount -o remount,bind,{ro} \"$R{INSIDE_DIR}\"",
               f"mount -o remount,ro,{ro} \"$R\"",
