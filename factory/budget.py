@@ -53,14 +53,13 @@ class Budget:
         """Give back a hold once its calls are done (what they spent is in `spent`)."""
         self.held -= amount
 
-    def charge(self, record: CallRecord) -> bool:
-        """Add a billed call to the ledger; a record already charged (same id) is not charged again (False)."""
+    def charge(self, record: CallRecord) -> None:
+        """Add a billed call to the ledger; a record already charged (same id) is not charged again."""
         if record.id in self._charged:
-            return False
+            return
         self._charged.add(record.id)
         self.records.append(record)
         self.spent += record.cost_usd
-        return True
 
     def records_of(self, iteration: int) -> list[CallRecord]:
         """The calls charged to iteration `iteration`, in the order they were charged."""

@@ -250,6 +250,11 @@ Check = Annotated[RegexCheck | LengthCheck | JsonSchemaCheck | PythonCheck, Fiel
 Checks = Annotated[list[Check], Field(max_length=MAX_CHECKS)]
 
 
+def all_passed(results: Sequence[CheckResult]) -> bool:
+    """Whether every check passed (no checks: they all did)."""
+    return all(r.passed for r in results)
+
+
 def trim(text: str, limit: int) -> str:
     """`text` cut to `limit` characters by dropping its middle: the start and the end are what explain."""
     if len(text) <= limit:

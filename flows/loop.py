@@ -20,7 +20,7 @@ from prefect.logging import get_run_logger
 
 from factory.artifacts import render
 from factory.budget import Budget
-from factory.checks import CheckResult, describe
+from factory.checks import CheckResult, all_passed, describe
 from factory.errors import BudgetExceeded, DeadlineExceeded, JobFailed, ProviderError, StorageError
 from factory.eventlog import EventLog
 from factory.models import (
@@ -96,12 +96,17 @@ class Iteration:
 
     @property
     def passed_checks(self) -> bool:
-        return all(c.passed for c in self.checks)
+        return all_passed(self.checks)
 
     @property
     def rank(self) -> tuple[bool, bool, float, int]:
-        """Best first: checks passed, converged, confidence, then the later of two equals."""
-        return self.passed_checks, self.verdict.converged, self.verdict.confidence, self.number
+        """Best first: as an outcome ranks, then the later of two equals."""
+        return (*standing(self.checks, self.verdict), self.number)
+
+
+def standing(checks: list[CheckResult], verdict: Verdict) -> tuple[bool, bool, float]:
+    """How an artifact ranks against another: checks passed, then converged, then confidence."""
+    return all_passed(checks), verdict.converged, verdict.confidence
 
 
 @dataclass(frozen=True)
@@ -135,12 +140,8 @@ class Outcome:
     error: Exception | None = None
 
     @property
-    def passed_checks(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-    @property
     def rank(self) -> tuple[bool, bool, float]:
-        return self.passed_checks, self.verdict.converged, self.verdict.confidence
+        return standing(self.checks, self.verdict)
 
 
 @dataclass
@@ -232,7 +233,7 @@ class JobRun:
                                                          best.verdict.feedback_for_executor if best else None))]
         else:
             outcomes = await self._candidates(n, best)
-        chosen = max(outcomes, key=lambda o: o.rank)  # checks passed, converged, confidence
+        chosen = max(outcomes, key=lambda o: o.rank)
         done = self._record(n, chosen, started, outcomes)
         if chosen.error is not None:  # the artifact was paid for: it is in the result, marked as not judged
             raise chosen.error
@@ -259,7 +260,7 @@ class JobRun:
         if count == 1:
             return [await self._assess(n, slots[0], await self._make_text(n, slots[0], requests[0]))]
         executor_worst = [self.plan.executor.price.worst_case(r.input_token_bound(), r.max_tokens) for r in requests]
-        evaluator_worst = self._evaluator_bound(n)
+        evaluator_worst = self._evaluator_bound()
         before = self.budget.held
         self.budget.hold(sum(executor_worst) + evaluator_worst * count, f"the {count} candidates of iteration {n}")
         try:
@@ -282,7 +283,7 @@ class JobRun:
         the artifact not judged, with the cause kept for the iteration to raise once it is recorded."""
         await self.log.emit(Event.EXECUTOR_RESPONSE, iteration=n, **slot.fields, **made.output.model_dump())
         checks = await self._check(n, slot, made.shown) if self.plan.job.checks else []
-        if not all(c.passed for c in checks):  # known to fail: no money is spent judging it
+        if not all_passed(checks):  # known to fail: no money is spent judging it
             self.budget.release(held)
             return Outcome(slot, made, checks, checks_failed_verdict(checks))
         try:
@@ -293,7 +294,7 @@ class JobRun:
 
     async def _check(self, n: int, slot: Slot, artifact: str) -> list[CheckResult]:
         results = await check_artifact(n, self.plan.job.checks, artifact, self.settings.allow_code_checks)
-        await self.log.emit(Event.CHECKS_RESULT, iteration=n, **slot.fields, passed=all(r.passed for r in results),
+        await self.log.emit(Event.CHECKS_RESULT, iteration=n, **slot.fields, passed=all_passed(results),
                             checks=[r.model_dump() for r in results])
         return results
 
@@ -314,7 +315,7 @@ class JobRun:
 
     async def _make_text(self, n: int, slot: Slot, request: ChatRequest, held: Decimal = Decimal(0)) -> Made:
         generated = await self.calls.call(generate_artifact, Event.EXECUTOR_CALL, n, slot.role("executor"),
-                                    self.plan.executor, request, held=held)
+                                          self.plan.executor, request, held=held)
         text, extension = render(self.plan.job.function, generated.reply.text)
         location = self.plan.artifact_dir.child(f"iteration-{n:02d}{slot.suffix}{extension}")
         digest = await store_artifact(location, text.encode())
@@ -328,8 +329,9 @@ class JobRun:
 
     def _record(self, n: int, chosen: Outcome, started: float, outcomes: list[Outcome]) -> Iteration:
         candidates = [] if len(outcomes) < 2 else [
-            CandidateDetail(candidate=o.slot.k or 0, artifact_ref=o.made.location.ref, checks_passed=o.passed_checks,
-                            converged=o.verdict.converged, confidence=o.verdict.confidence,
+            CandidateDetail(candidate=o.slot.k or 0, artifact_ref=o.made.location.ref,
+                            checks_passed=all_passed(o.checks), converged=o.verdict.converged,
+                            confidence=o.verdict.confidence,
                             cost_usd=float(self.budget.spent_on(n, o.slot.role("executor"))
                                            + self.budget.spent_on(n, o.slot.role("evaluator"))),
                             chosen=o is chosen)
@@ -354,7 +356,7 @@ class JobRun:
                            max_tokens=self.settings.evaluator_max_tokens, response_schema=VERDICT_SCHEMA,
                            schema_name=VERDICT_TOOL, schema_description=VERDICT_TOOL_DESCRIPTION)
 
-    def _evaluator_bound(self, n: int) -> Decimal:
+    def _evaluator_bound(self) -> Decimal:
         """The most judging one text candidate can cost: its artifact is at most the executor's output."""
         request = self._evaluator_request("", [])
         return self.plan.evaluator.price.worst_case(request.input_token_bound() + self.settings.executor_max_tokens,
@@ -365,7 +367,7 @@ class JobRun:
         request = self._evaluator_request(artifact, images)
         role = slot.role("evaluator")
         first = await self.calls.call(evaluate_artifact, Event.EVALUATOR_CALL, n, role, self.plan.evaluator, request,
-                                held=held)
+                                      held=held)
         try:
             verdict = parse_verdict(first.reply.structured, first.reply.text)
         except UnreadableVerdict as exc:
@@ -383,7 +385,7 @@ class JobRun:
         get_run_logger().warning("Iteration %d: evaluator reply unreadable (%s); asking once more.", n, error)
         try:
             second = await self.calls.call(evaluate_artifact, Event.EVALUATOR_CALL, n, f"{role}-repair",
-                                     self.plan.evaluator, repair)
+                                           self.plan.evaluator, repair)
         except BudgetExceeded as exc:
             return unparseable_verdict(f"{error}; not asked again: {exc}")
         try:

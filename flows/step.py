@@ -1,6 +1,7 @@
 """What the loop's steps share: the gateway every paid call goes through, and what a making step returns.
 
-Steps (make text, make media, check, judge) take plain inputs and this gateway, never the whole job run.
+The media step takes plain inputs and this gateway, not the job run; the text steps are still the loop's own
+methods.
 """
 
 from __future__ import annotations

@@ -24,12 +24,12 @@ from factory.media.base import MediaFacts, Transcript
 from factory.models import CallRecord, StrictModel, Usage
 from factory.providers import ImagePart
 from factory.settings import get_settings
-
-if TYPE_CHECKING:  # the OpenAI SDK is imported only by jobs that use it
-    from factory.media.openai import OpenAIMediaGenerator
 from factory.storage import Location, get_storage
 from tasks.calls import call_cache_key, client_for
 from tasks.retry import Allowance, Call, with_retries
+
+if TYPE_CHECKING:  # the OpenAI SDK is imported only by jobs that use it
+    from factory.media.openai import OpenAIMediaGenerator
 
 STATE_POLL_S = 1.0
 
