@@ -91,9 +91,11 @@ async def test_prefect_ui_shows_the_jobs_artifacts(served, tmp_path):
         await browser.goto(f"{ui}/runs/flow-run/{flow_run_id}")
         await browser.wait_for_text("Artifacts")
         await browser.click_text(".p-tab", "Artifacts")
-        page = await browser.wait_for_text("factory-ui-job-1-summary")
+        await browser.wait_for_text("factory-ui-job-1-summary")
+        # The list renders in pieces: the summary's key can show before its description does.
+        page = await browser.wait_for_text("CONVERGED: CONFORMITY")
         await browser.screenshot(tmp_path / "flow-run-artifacts.png")
     for key in ("iteration-1", "iteration-2", "iterations", "budget", "progress"):
         assert f"factory-ui-job-1-{key}" in page
-    assert "CONVERGED: CONFORMITY" in page and "Completed" in page
+    assert "Completed" in page
     assert (tmp_path / "flow-run-artifacts.png").stat().st_size > 10_000
