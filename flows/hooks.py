@@ -17,7 +17,7 @@ from factory.models import Event, JobStatus, StopReason
 from factory.preflight import log_path_for
 from factory.storage import get_storage
 from flows.callback import send_job_callback
-from tasks.media import cancel_gpu_children
+from flows.generation import cancel_gpu_children
 
 
 async def _close_log(flow_run: Any, status: JobStatus, stop: StopReason | None, note: str) -> None:

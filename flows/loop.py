@@ -16,18 +16,14 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from prefect.logging import get_run_logger
-
-from factory.artifacts import render
 from factory.budget import Budget
-from factory.checks import CheckResult, all_passed, describe
+from factory.checks import CheckResult, all_passed
 from factory.errors import BudgetExceeded, DeadlineExceeded, JobFailed, ProviderError, StorageError
 from factory.eventlog import EventLog
 from factory.models import (
     CandidateDetail,
     Event,
     IterationDetail,
-    IterationOutput,
     JobResult,
     StopReason,
     TokenTotals,
@@ -35,36 +31,17 @@ from factory.models import (
     utcnow,
 )
 from factory.preflight import JobPlan
-from factory.prompts import (
-    EVALUATOR_SYSTEM,
-    EXECUTOR_SYSTEM,
-    REPAIR_INSTRUCTION,
-    VERDICT_SCHEMA,
-    VERDICT_TOOL,
-    VERDICT_TOOL_DESCRIPTION,
-    Revision,
-    as_candidate,
-    evaluator_prompt,
-    executor_prompt,
-    user_message,
-)
-from factory.providers import DRY_RUN_MODEL, ChatRequest, ImagePart, Message
+from factory.prompts import Revision
+from factory.providers import DRY_RUN_MODEL, ChatRequest
 from factory.settings import FactorySettings
 from factory.storage import get_storage
-from factory.verdict import (
-    UnreadableVerdict,
-    checks_failed_verdict,
-    parse_verdict,
-    unjudged_verdict,
-    unparseable_verdict,
-)
-from flows.media import make_media
+from factory.verdict import checks_failed_verdict, unjudged_verdict
 from flows.report import JobReport
-from flows.step import Made, PaidCalls
-from tasks.calls import CallResult
-from tasks.check import check_artifact
-from tasks.evaluate import evaluate_artifact
-from tasks.generate import generate_artifact
+from flows.steps.check import check
+from flows.steps.common import Made, PaidCalls, Slot
+from flows.steps.judge import evaluator_bound, evaluator_request, judge
+from flows.steps.media import make_media
+from flows.steps.text import executor_request, make_text
 from tasks.store import store_artifact
 
 # Who wants to hear of each finished iteration in this context (the RunPod handler's progress_update).
@@ -81,52 +58,9 @@ STOP_EVENTS = {
 }
 
 
-@dataclass
-class Iteration:
-    number: int
-    shown: str
-    data: bytes
-    artifact_ref: str
-    verdict: Verdict
-    cost: Decimal
-    duration_ms: int
-    usage_known: bool = True
-    checks: list[CheckResult] = field(default_factory=list)
-    candidates: list[CandidateDetail] = field(default_factory=list)
-
-    @property
-    def passed_checks(self) -> bool:
-        return all_passed(self.checks)
-
-    @property
-    def rank(self) -> tuple[bool, bool, float, int]:
-        """Best first: as an outcome ranks, then the later of two equals."""
-        return (*standing(self.checks, self.verdict), self.number)
-
-
 def standing(checks: list[CheckResult], verdict: Verdict) -> tuple[bool, bool, float]:
     """How an artifact ranks against another: checks passed, then converged, then confidence."""
     return all_passed(checks), verdict.converged, verdict.confidence
-
-
-@dataclass(frozen=True)
-class Slot:
-    """Which artifact of an iteration a call makes: the only one, or candidate `k` of `count`."""
-
-    k: int | None = None
-    count: int = 1
-
-    @property
-    def suffix(self) -> str:
-        return "" if self.k is None else f"-c{self.k}"
-
-    def role(self, base: str) -> str:
-        return base + self.suffix
-
-    @property
-    def fields(self) -> dict[str, int]:
-        """What the event log says of the slot: nothing for the only artifact."""
-        return {} if self.k is None else {"candidate": self.k}
 
 
 @dataclass
@@ -142,6 +76,48 @@ class Outcome:
     @property
     def rank(self) -> tuple[bool, bool, float]:
         return standing(self.checks, self.verdict)
+
+
+@dataclass
+class Iteration:
+    """A finished iteration: the outcome it carries forward (the best of its candidates) and what it cost."""
+
+    number: int
+    chosen: Outcome
+    cost: Decimal
+    duration_ms: int
+    usage_known: bool
+    candidates: list[CandidateDetail] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> Verdict:
+        return self.chosen.verdict
+
+    @property
+    def artifact_ref(self) -> str:
+        return self.chosen.made.location.ref
+
+    @property
+    def passed_checks(self) -> bool:
+        return all_passed(self.chosen.checks)
+
+    @property
+    def rank(self) -> tuple[bool, bool, float, int]:
+        """Best first: as an outcome ranks, then the later of two equals."""
+        return (*self.chosen.rank, self.number)
+
+    def revision(self) -> Revision:
+        """What the executor is asked to revise next."""
+        verdict = self.verdict
+        return Revision(self.chosen.made.shown, self.number, verdict.feedback_for_executor, verdict.strengths,
+                        verdict.weaknesses)
+
+    def detail(self) -> IterationDetail:
+        """The iteration as the JobResult's `iterations_detail` shows it."""
+        return IterationDetail(iteration=self.number, duration_ms=self.duration_ms, converged=self.verdict.converged,
+                               confidence=self.verdict.confidence, cost_usd=float(self.cost),
+                               artifact_ref=self.artifact_ref, usage_known=self.usage_known,
+                               checks=self.chosen.checks, candidates=self.candidates)
 
 
 @dataclass
@@ -229,17 +205,18 @@ class JobRun:
         # The executor revises the best-judged artifact so far, never a later regression.
         best = max(self.iterations, key=lambda i: i.rank, default=None)
         if self.plan.media_kind is not None:
-            outcomes = [await self._assess(n, Slot(), await make_media(self.calls, self.plan, self.settings, n,
-                                                         best.verdict.feedback_for_executor if best else None))]
+            feedback = best.verdict.feedback_for_executor if best else None
+            made = await make_media(self.calls, self.plan, self.settings, n, feedback)
+            outcomes = [await self._assess(n, Slot(), made)]
         else:
-            outcomes = await self._candidates(n, best)
+            outcomes = await self._candidates(n, best.revision() if best else None)
         chosen = max(outcomes, key=lambda o: o.rank)
         done = self._record(n, chosen, started, outcomes)
         if chosen.error is not None:  # the artifact was paid for: it is in the result, marked as not judged
             raise chosen.error
         verdict = done.verdict
-        self.report.iteration(n, done.shown, done.artifact_ref, chosen.made.extension, verdict, done.cost,
-                              self.budget.spent, done.duration_ms, done.checks, done.candidates)
+        self.report.iteration(n, chosen.made.shown, done.artifact_ref, chosen.made.extension, verdict, done.cost,
+                              self.budget.spent, done.duration_ms, chosen.checks, done.candidates)
         calls = self.budget.records_of(n)
         await self.log.emit(Event.ITERATION_END, iteration=n, converged=verdict.converged,
                             confidence=verdict.confidence, cost_usd=float(done.cost),
@@ -251,16 +228,16 @@ class JobRun:
                       "confidence": verdict.confidence, "spent_usd": float(self.budget.spent)})
         return done
 
-    async def _candidates(self, n: int, best: Iteration | None) -> list[Outcome]:
+    async def _candidates(self, n: int, revision: Revision | None) -> list[Outcome]:
         """One artifact, or best-of-K: K distinct executor calls at once, each checked and judged. The worst case of
         all K, and of their evaluation, is held before any starts, so together they cannot cross the ceiling."""
         count = self.plan.job.candidates
         slots = [Slot(k, count) for k in range(1, count + 1)] if count > 1 else [Slot()]
-        requests = [self._executor_request(best, slot) for slot in slots]
+        requests = [executor_request(self.plan, self.settings, revision, slot) for slot in slots]
         if count == 1:
-            return [await self._assess(n, slots[0], await self._make_text(n, slots[0], requests[0]))]
+            return [await self._assess(n, slots[0], await make_text(self.calls, self.plan, n, slots[0], requests[0]))]
         executor_worst = [self.plan.executor.price.worst_case(r.input_token_bound(), r.max_tokens) for r in requests]
-        evaluator_worst = self._evaluator_bound()
+        evaluator_worst = evaluator_bound(self.plan, self.settings, self._history())
         before = self.budget.held
         self.budget.hold(sum(executor_worst) + evaluator_worst * count, f"the {count} candidates of iteration {n}")
         try:
@@ -275,57 +252,29 @@ class JobRun:
 
     async def _candidate(self, n: int, slot: Slot, request: ChatRequest, executor_hold: Decimal,
                          evaluator_hold: Decimal) -> Outcome:
-        made = await self._make_text(n, slot, request, held=executor_hold)
+        made = await make_text(self.calls, self.plan, n, slot, request, held=executor_hold)
         return await self._assess(n, slot, made, held=evaluator_hold)
 
     async def _assess(self, n: int, slot: Slot, made: Made, held: Decimal = Decimal(0)) -> Outcome:
         """Checks first; the evaluator only for an artifact that passed them. A call that could not be made leaves
         the artifact not judged, with the cause kept for the iteration to raise once it is recorded."""
         await self.log.emit(Event.EXECUTOR_RESPONSE, iteration=n, **slot.fields, **made.output.model_dump())
-        checks = await self._check(n, slot, made.shown) if self.plan.job.checks else []
+        job = self.plan.job
+        checks = await check(self.log, job.checks, self.settings.allow_code_checks, n, slot, made.shown) \
+            if job.checks else []
         if not all_passed(checks):  # known to fail: no money is spent judging it
             self.budget.release(held)
             return Outcome(slot, made, checks, checks_failed_verdict(checks))
+        request = evaluator_request(self.plan, self.settings, made.shown, made.images, self._history())
         try:
-            verdict = await self._judge(n, slot, made.shown, made.images, held)
+            verdict = await judge(self.calls, self.log, self.plan, n, slot, request, held)
         except (BudgetExceeded, DeadlineExceeded, ProviderError) as exc:
             return Outcome(slot, made, checks, unjudged_verdict(str(exc)), exc)
         return Outcome(slot, made, checks, verdict)
 
-    async def _check(self, n: int, slot: Slot, artifact: str) -> list[CheckResult]:
-        results = await check_artifact(n, self.plan.job.checks, artifact, self.settings.allow_code_checks)
-        await self.log.emit(Event.CHECKS_RESULT, iteration=n, **slot.fields, passed=all_passed(results),
-                            checks=[r.model_dump() for r in results])
-        return results
-
-    def _executor_request(self, best: Iteration | None, slot: Slot) -> ChatRequest:
-        inputs, job = self.plan.inputs, self.plan.job
-        revision = None if best is None else Revision(
-            best.shown, best.number, best.verdict.feedback_for_executor, best.verdict.strengths,
-            best.verdict.weaknesses)
-        prompt = as_candidate(executor_prompt(job.seed, job.objective, job.function,
-                                              [(i.ref, i.text) for i in inputs if i.text is not None],
-                                              [i.ref for i in inputs if i.image is not None], revision),
-                              slot.k, slot.count)
-        images = [i.image for i in inputs if i.image is not None]
-        return ChatRequest(model=self.plan.executor.api_name, system=EXECUTOR_SYSTEM,
-                           messages=[user_message(prompt, images, EXECUTOR_SYSTEM,
-                                                  self.plan.executor.price.min_cache_tokens)],
-                           max_tokens=self.settings.executor_max_tokens, cache_key=f"{job.job_id}-executor")
-
-    async def _make_text(self, n: int, slot: Slot, request: ChatRequest, held: Decimal = Decimal(0)) -> Made:
-        generated = await self.calls.call(generate_artifact, Event.EXECUTOR_CALL, n, slot.role("executor"),
-                                          self.plan.executor, request, held=held)
-        text, extension = render(self.plan.job.function, generated.reply.text)
-        location = self.plan.artifact_dir.child(f"iteration-{n:02d}{slot.suffix}{extension}")
-        digest = await store_artifact(location, text.encode())
-        output = IterationOutput(artifact_ref=location.ref, artifact_hash=digest, executor_model=generated.reply.model,
-                                 cost_usd=float(sum(c.cost_usd for c in generated.calls)),
-                                 tokens_used=generated.call.usage.total,
-                                 metadata={"stop_reason": generated.reply.stop_reason,
-                                           "usage_known": generated.call.usage_known,
-                                           **generated.call.usage.model_dump()})
-        return Made(text, text.encode(), extension, location, output)
+    def _history(self) -> list[tuple[int, Verdict]]:
+        """The evaluator's own earlier verdicts, on artifacts that passed their checks and were read."""
+        return [(i.number, i.verdict) for i in self.iterations if i.passed_checks and not i.verdict.parse_error]
 
     def _record(self, n: int, chosen: Outcome, started: float, outcomes: list[Outcome]) -> Iteration:
         candidates = [] if len(outcomes) < 2 else [
@@ -336,62 +285,10 @@ class JobRun:
                                            + self.budget.spent_on(n, o.slot.role("evaluator"))),
                             chosen=o is chosen)
             for o in outcomes]
-        made = chosen.made
-        done = Iteration(n, made.shown, made.data, made.location.ref, chosen.verdict, self.budget.spent_on(n),
-                         int((time.perf_counter() - started) * 1000),
-                         all(r.usage_known for r in self.budget.records_of(n)), chosen.checks, candidates)
+        done = Iteration(n, chosen, self.budget.spent_on(n), int((time.perf_counter() - started) * 1000),
+                         all(r.usage_known for r in self.budget.records_of(n)), candidates)
         self.iterations.append(done)
         return done
-
-    def _evaluator_request(self, artifact: str, images: list[ImagePart]) -> ChatRequest:
-        job = self.plan.job
-        history = [(i.number, i.verdict) for i in self.iterations if i.passed_checks and not i.verdict.parse_error]
-        prompt = evaluator_prompt(job.objective, job.seed, artifact, self.plan.media_kind,
-                                  min_confidence=job.limits.min_confidence,
-                                  checks_passed=[describe(c) for c in job.checks], history=history)
-        return ChatRequest(model=self.plan.evaluator.api_name, system=EVALUATOR_SYSTEM,
-                           messages=[user_message(prompt, images, EVALUATOR_SYSTEM,
-                                                  self.plan.evaluator.price.min_cache_tokens, images_change=True)],
-                           cache_key=f"{job.job_id}-evaluator",
-                           max_tokens=self.settings.evaluator_max_tokens, response_schema=VERDICT_SCHEMA,
-                           schema_name=VERDICT_TOOL, schema_description=VERDICT_TOOL_DESCRIPTION)
-
-    def _evaluator_bound(self) -> Decimal:
-        """The most judging one text candidate can cost: its artifact is at most the executor's output."""
-        request = self._evaluator_request("", [])
-        return self.plan.evaluator.price.worst_case(request.input_token_bound() + self.settings.executor_max_tokens,
-                                                    request.max_tokens)
-
-    async def _judge(self, n: int, slot: Slot, artifact: str, images: list[ImagePart], held: Decimal) -> Verdict:
-        """The verdict on an artifact (media shown as images), with one repair call if the reply is unreadable."""
-        request = self._evaluator_request(artifact, images)
-        role = slot.role("evaluator")
-        first = await self.calls.call(evaluate_artifact, Event.EVALUATOR_CALL, n, role, self.plan.evaluator, request,
-                                      held=held)
-        try:
-            verdict = parse_verdict(first.reply.structured, first.reply.text)
-        except UnreadableVerdict as exc:
-            verdict = await self._repair(n, role, request, first, str(exc))
-        cost = self.budget.spent_on(n, role)
-        verdict = verdict.model_copy(update={"evaluator_model": first.reply.model, "cost_usd": float(cost)})
-        await self.log.emit(Event.EVALUATOR_RESPONSE, iteration=n, **slot.fields, **verdict.model_dump())
-        return verdict
-
-    async def _repair(self, n: int, role: str, request: ChatRequest, first: CallResult, error: str) -> Verdict:
-        said = first.reply.text.strip() or str(first.reply.structured or "(an empty reply)")
-        repair = request.model_copy(update={"messages": [
-            *request.messages, Message(role="assistant", content=said),
-            Message(role="user", content=REPAIR_INSTRUCTION.format(error=error))]})
-        get_run_logger().warning("Iteration %d: evaluator reply unreadable (%s); asking once more.", n, error)
-        try:
-            second = await self.calls.call(evaluate_artifact, Event.EVALUATOR_CALL, n, f"{role}-repair",
-                                           self.plan.evaluator, repair)
-        except BudgetExceeded as exc:
-            return unparseable_verdict(f"{error}; not asked again: {exc}")
-        try:
-            return parse_verdict(second.reply.structured, second.reply.text)
-        except UnreadableVerdict as exc:
-            return unparseable_verdict(f"{error}; after one repair: {exc}")
 
     async def _finish(self, stop: StopReason, started_at: datetime, error: str | None,
                       note: str | None = None) -> JobResult:
@@ -400,7 +297,7 @@ class JobRun:
             await self.log.emit(STOP_EVENTS[stop], stop_reason=stop.value, detail=error or note)
         if self.plan.final_path is not None and result.final_artifact_ref is not None:
             best = next(i for i in self.iterations if i.artifact_ref == result.final_artifact_ref)
-            await store_artifact(self.plan.final_path, best.data)
+            await store_artifact(self.plan.final_path, best.chosen.made.data)
         await self._write_result(result)
         await self.log.emit(Event.JOB_COMPLETED, status=result.status.value, stop_reason=stop.value,
                             total_cost_usd=result.total_cost_usd, total_iterations=result.total_iterations,
@@ -433,12 +330,7 @@ class JobRun:
             total_duration_ms=int((completed_at - started_at).total_seconds() * 1000),
             created_at=self.created_at, started_at=started_at, completed_at=completed_at,
             executor_model_used=self.plan.executor.name, evaluator_model_used=self.plan.evaluator.name,
-            iterations_detail=[IterationDetail(iteration=i.number, duration_ms=i.duration_ms,
-                                               converged=i.verdict.converged, confidence=i.verdict.confidence,
-                                               cost_usd=float(i.cost), artifact_ref=i.artifact_ref,
-                                               usage_known=i.usage_known, checks=i.checks,
-                                               candidates=i.candidates)
-                               for i in self.iterations],
+            iterations_detail=[i.detail() for i in self.iterations],
             log_ref=self.plan.log_path.ref, error=error,
             dry_run=DRY_RUN_MODEL in (self.plan.executor.name, self.plan.evaluator.name),
             usage=self._token_totals(), cache_savings_usd=float(self._cache_savings()),

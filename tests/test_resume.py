@@ -49,12 +49,12 @@ async def test_api_key_never_appears_in_logs_results_or_files(factory_env, stora
 
 
 async def test_an_unexpected_failure_still_closes_the_log(factory_env, monkeypatch, storage_root):
-    import flows.loop
+    import flows.steps.text
 
     def broken(*args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(flows.loop, "render", broken)
+    monkeypatch.setattr(flows.steps.text, "render", broken)
     state = await run_job(job_id="bug-1")
     assert state.is_failed()
     names = event_names(storage_root / "bug-1" / "log.json")

@@ -1,8 +1,5 @@
-"""What the loop's steps share: the gateway every paid call goes through, and what a making step returns.
-
-The media step takes plain inputs and this gateway, not the job run; the text steps are still the loop's own
-methods.
-"""
+"""What the loop's steps share: the gateway every paid call goes through, which artifact of an iteration a step
+makes, and what a making step returns."""
 
 from __future__ import annotations
 
@@ -18,6 +15,26 @@ from factory.providers import ImagePart
 from factory.storage import Location
 from flows.report import JobReport
 from tasks.retry import Allowance
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Which artifact of an iteration a call makes: the only one, or candidate `k` of `count`."""
+
+    k: int | None = None
+    count: int = 1
+
+    @property
+    def suffix(self) -> str:
+        return "" if self.k is None else f"-c{self.k}"
+
+    def role(self, base: str) -> str:
+        return base + self.suffix
+
+    @property
+    def fields(self) -> dict[str, int]:
+        """What the event log says of the slot: nothing for the only artifact."""
+        return {} if self.k is None else {"candidate": self.k}
 
 
 @dataclass

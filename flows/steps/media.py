@@ -11,13 +11,14 @@ import asyncio
 import base64
 
 from factory.artifacts import MEDIA_EXTENSIONS
-from factory.media import MediaKind, MediaRequest
+from factory.media import GPU_PROVIDERS, MediaKind, MediaRequest
 from factory.media.base import MediaFacts
 from factory.models import Event, IterationOutput
 from factory.preflight import JobPlan
 from factory.prompts import media_description
 from factory.settings import FactorySettings
-from flows.step import Made, PaidCalls
+from flows.generation import run_on_gpu
+from flows.steps.common import Made, PaidCalls
 from tasks.media import MediaCallResult, TranscriptCallResult, generate_media, media_usage_bound, transcribe_audio
 from tasks.store import store_artifact
 
@@ -38,8 +39,10 @@ async def make_media(calls: PaidCalls, plan: JobPlan, settings: FactorySettings,
                            width=settings.media_width, height=settings.media_height,
                            duration_s=settings.media_seconds)
     worst = plan.executor.price.cost(await media_usage_bound(plan.executor.provider, request))
+    on_pool = plan.executor.provider in GPU_PROVIDERS and not settings.gpu_local
     generated: MediaCallResult = await calls.call(generate_media, Event.EXECUTOR_CALL, n, "executor",
-                                                 plan.executor, request, worst, rejects=plan.artifact_dir)
+                                                 plan.executor, request, worst, rejects=plan.artifact_dir,
+                                                 gpu=run_on_gpu if on_pool else None)
     media, facts, images = generated.result, generated.facts, generated.shown
     extension = MEDIA_EXTENSIONS.get(media.media_type, ".bin")
     location = plan.artifact_dir.child(f"iteration-{n:02d}{extension}")
