@@ -74,6 +74,22 @@ def wait_state(served: dict, flow_run_id: str, states: set[str], timeout_s: floa
     return state
 
 
+PSQL = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc"]
+
+
+@contextmanager
+def postgres_database() -> Iterator[dict[str, str]]:
+    """A fresh database on the machine's PostgreSQL, dropped on exit: the server settings that point Prefect at it."""
+    import uuid
+
+    database = f"factory_test_{uuid.uuid4().hex[:8]}"
+    subprocess.run([*PSQL, f"CREATE DATABASE {database}"], check=True)
+    try:
+        yield {"PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database}"}
+    finally:
+        subprocess.run([*PSQL, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"], check=True)
+
+
 def process_pool(env: dict[str, str], work: Path) -> list[str]:
     return ["--type", "process"]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import uuid
 from decimal import Decimal
 
@@ -19,23 +18,16 @@ from factory.pricing import price_table
 from factory.settings import get_settings
 from tests.emulators.llm import Script
 from tests.helpers import DONE, NOT_YET
-from tests.processes import served_deployment
+from tests.processes import postgres_database, served_deployment
 
 pytestmark = pytest.mark.cli
-PSQL = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc"]
 JOBS = 4
 
 
 @pytest.fixture(scope="module")
 def postgres_served(llm_server, tmp_path_factory):
-    database = f"factory_test_{uuid.uuid4().hex[:8]}"
-    subprocess.run([*PSQL, f"CREATE DATABASE {database}"], check=True)
-    url = f"postgresql+asyncpg://postgres@127.0.0.1:5432/{database}"
-    try:
-        with served_deployment(tmp_path_factory.mktemp("pg"), {"PREFECT_API_DATABASE_CONNECTION_URL": url}) as served:
-            yield served
-    finally:
-        subprocess.run([*PSQL, f"DROP DATABASE IF EXISTS {database} WITH (FORCE)"], check=True)
+    with postgres_database() as database, served_deployment(tmp_path_factory.mktemp("pg"), database) as served:
+        yield served
 
 
 def job_cost(emulator, seed: str) -> Decimal:

@@ -1,0 +1,145 @@
+"""The resident `inprocess` pool as a user runs it: `prefect work-pool create --type inprocess`, `prefect deploy`,
+`prefect worker start --limit N`, against a real Prefect server: many jobs in one process, each its own."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from decimal import Decimal
+
+import httpx
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Cancelling
+
+from tests.emulators.llm import Script
+from tests.helpers import DONE, NOT_YET
+from tests.processes import postgres_database, served_deployment
+from tests.test_concurrency_pg import job_cost
+
+pytestmark = pytest.mark.cli
+JOBS = 20
+
+
+def inprocess_pool(env: dict[str, str], work) -> list[str]:
+    return ["--type", "inprocess"]
+
+
+@pytest.fixture(scope="module")
+def resident(llm_server, tmp_path_factory):
+    # PostgreSQL, as Prefect's production set-up: twenty runs starting at once make SQLite answer 503.
+    with postgres_database() as database, served_deployment(tmp_path_factory.mktemp("resident"), database,
+                                                            worker_limit=JOBS + 5,
+                                                            pool_options=inprocess_pool) as served:
+        yield served
+
+
+async def start(served: dict, params: list[dict], **options) -> list:
+    with temporary_settings(updates={PREFECT_API_URL: served["api_url"]}):
+        return list(await asyncio.gather(*(run_deployment("factory/job", timeout=0, parameters=p, **options)
+                                           for p in params)))
+
+
+async def wait_final(served: dict, runs: list, timeout_s: float = 240) -> list:
+    deadline = time.monotonic() + timeout_s
+    with temporary_settings(updates={PREFECT_API_URL: served["api_url"]}):
+        async with get_client() as client:
+            while True:
+                states = [(await client.read_flow_run(r.id)).state for r in runs]
+                if all(s.is_final() for s in states):
+                    return states
+                assert time.monotonic() < deadline, [s.type for s in states] + [
+                    served["worker"].log.read_text()[-3000:]]
+                await asyncio.sleep(0.5)
+
+
+def result_of(served: dict, job_id: str) -> dict:
+    return json.loads((served["storage"] / job_id / "result.json").read_text())
+
+
+def worker_pids(served: dict) -> set[int]:
+    """The processes under the worker: the worker alone on a resident pool."""
+    import psutil
+
+    root = psutil.Process(served["worker"].proc.pid)
+    return {p.pid for p in [root, *root.children(recursive=True)] if "prefect" in " ".join(p.cmdline())}
+
+
+async def test_twenty_jobs_share_one_process_and_keep_their_own_money_and_logs(resident, llm_server):
+    llm_server.reset(Script(verdicts=[NOT_YET, DONE], latency_s=0.2))
+    seeds = [f"Write poem number {i} about {uuid.uuid4().hex[:6]}." for i in range(JOBS)]
+    pids_before = worker_pids(resident)
+    runs = await start(resident, [{"seed": seed, "objective": "A poem.", "job_id": f"res-{i}",
+                                   "limits": {"max_cycles": 6}} for i, seed in enumerate(seeds)])
+    states = await wait_final(resident, runs)
+    assert all(s.is_completed() for s in states), [s.message for s in states]
+    assert worker_pids(resident) == pids_before, "no flow-run process was started"
+    for i, seed in enumerate(seeds):
+        result = result_of(resident, f"res-{i}")
+        assert result["status"] == "CONVERGED"
+        assert Decimal(str(result["total_cost_usd"])) == job_cost(llm_server, seed), f"job res-{i}"
+        log = json.loads((resident["storage"] / f"res-{i}" / "log.json").read_text())
+        assert log["job_id"] == f"res-{i}" and log["events"][-1]["event"] == "JOB_COMPLETED"
+        assert all(e["data"].get("job_id", f"res-{i}") == f"res-{i}" for e in log["events"])
+    with temporary_settings(updates={PREFECT_API_URL: resident["api_url"]}):
+        async with get_client() as client:
+            logs = await client.read_logs()
+    for run in runs[:3]:  # each run's Prefect log holds its own job only
+        own = [entry.message for entry in logs if entry.flow_run_id == run.id]
+        assert any("Finished in state Completed" in m for m in own)
+        others = {f"res-{i}" for i in range(JOBS)} - {run.parameters["job_id"]}
+        assert not any(o + " " in m or o + "'" in m for m in own for o in others)
+
+
+async def test_cancelling_one_run_cancels_only_it_and_a_failing_run_leaves_the_others(resident, llm_server):
+    llm_server.reset(Script(verdicts=[NOT_YET], latency_s=0.5))
+    slow = [{"seed": f"Write essay {i}.", "objective": "An essay.", "job_id": f"res-slow-{i}",
+             "limits": {"max_cycles": 8}} for i in range(3)]
+    failing = {"seed": "Write a note.", "objective": "A note.", "job_id": "res-fail",
+               "executor_model": "claude-sonnet-4-5", "limits": {"max_cycles": 8},
+               "input_refs": ["missing-file-that-does-not-exist.txt"]}
+    runs = await start(resident, [*slow, failing])
+    log_path = resident["storage"] / "res-slow-0" / "log.json"
+    deadline = time.monotonic() + 60
+    while not log_path.exists() or "ITERATION_END" not in log_path.read_text():
+        assert time.monotonic() < deadline, resident["worker"].log.read_text()[-3000:]
+        await asyncio.sleep(0.3)
+    with temporary_settings(updates={PREFECT_API_URL: resident["api_url"]}):
+        async with get_client() as client:
+            await client.set_flow_run_state(runs[0].id, Cancelling(), force=True)
+    cancelled = (await wait_final(resident, runs[:1], timeout_s=60))[0]
+    assert cancelled.is_cancelled(), cancelled
+    log = json.loads(log_path.read_text())
+    assert log["events"][-1]["event"] == "JOB_COMPLETED"
+    assert log["events"][-1]["data"]["status"] == "CANCELLED"
+    with temporary_settings(updates={PREFECT_API_URL: resident["api_url"]}):
+        async with get_client() as client:
+            others = [(await client.read_flow_run(r.id)).state for r in runs[1:3]]
+            failed = (await wait_final(resident, runs[3:], timeout_s=60))[0]
+    assert all(s.is_running() for s in others), others
+    assert failed.is_failed()
+    states = await wait_final(resident, runs[1:3])
+    assert all(s.is_completed() for s in states), [s.message for s in states]
+    assert result_of(resident, "res-slow-1")["status"] == "EXHAUSTED"
+
+
+async def test_a_run_with_env_job_variables_is_refused_naming_env(resident):
+    runs = await start(resident, [{"seed": "s", "objective": "o", "job_id": "res-env",
+                                   "executor_model": "dry-run", "evaluator_model": "dry-run"}],
+                       job_variables={"env": {"OPENAI_API_KEY": "sk-not-for-this-run"}})
+    state = (await wait_final(resident, runs, timeout_s=60))[0]
+    assert state.is_failed()
+    assert "`env`" in state.message and "OPENAI_API_KEY" in state.message
+    assert "sk-not-for-this-run" not in state.message
+    assert not (resident["storage"] / "res-env").exists(), "the refused run made nothing"
+
+
+def test_the_work_pool_lists_the_inprocess_variables(resident):
+    pool = httpx.get(f"{resident['api_url']}/work_pools/factory-local", timeout=10).json()
+    assert pool["type"] == "inprocess"
+    variables = pool["base_job_template"]["variables"]["properties"]
+    assert "Must stay empty" in variables["env"]["description"]
