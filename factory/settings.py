@@ -84,6 +84,10 @@ class FactorySettings(BaseSettings):
     plateau_min_gain: float = Field(
         default=0.02, ge=0, le=1, description="The rise in best confidence that counts as progress for "
         "`limits.patience`.")
+    provider_limits: bool = Field(
+        default=False, description="Every provider call first takes a slot of Prefect's global concurrency limit "
+        "`factory-<provider>` (calls in flight) and rate limit `factory-<provider>-per-minute`, where the operator "
+        "created them (`prefect gcl create`); shared by every worker and pool. Off: one fewer API round trip a call.")
     callback_timeout_s: float = Field(
         default=10.0, gt=0, le=300, description="Longest one callback attempt may take, cut to what is left of "
         "the retry window.")

@@ -19,4 +19,4 @@ async def evaluate_artifact(
     Returns:
         The reply (its tool input or text, for `factory.verdict.parse_verdict`) and its CallRecord.
     """
-    return await billed_call(provider, request, Call(iteration, role, request.model), allowance)
+    return await billed_call(provider, request, Call(iteration, role, request.model, provider), allowance)

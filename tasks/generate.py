@@ -25,4 +25,4 @@ async def generate_artifact(
     Returns:
         The reply and the CallRecords of its billed attempts (tokens, exact cost, duration).
     """
-    return await billed_call(provider, request, Call(iteration, role, request.model), allowance)
+    return await billed_call(provider, request, Call(iteration, role, request.model, provider), allowance)

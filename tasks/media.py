@@ -84,7 +84,8 @@ async def generate_media(job_id: str, iteration: int, role: str, provider: str, 
                                          billed_unknown=True) from exc
         return (made, facts, shown), usage
 
-    (made, facts, shown), records = await with_retries(attempt, Call(iteration, role, request.model), allowance,
+    call = Call(iteration, role, request.model, provider)
+    (made, facts, shown), records = await with_retries(attempt, call, allowance,
                                                        bound_s=settings.gpu_timeout_s if gpu else None)
     return MediaCallResult(result=made, facts=facts, shown=shown, calls=records)
 
@@ -101,7 +102,7 @@ async def transcribe_audio(job_id: str, iteration: int, role: str, provider: str
         transcript = await client.transcribe(audio.data, audio.media_type, model=model, timeout_s=timeout_s)
         return transcript, transcript.usage
 
-    transcript, records = await with_retries(attempt, Call(iteration, role, model), allowance)
+    transcript, records = await with_retries(attempt, Call(iteration, role, model, provider), allowance)
     return TranscriptCallResult(transcript=transcript, calls=records)
 
 

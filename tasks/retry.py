@@ -5,7 +5,8 @@ is checked against the budget before it is made and bounded as a whole by the ti
 failed after it was billed is charged (its worst case when its usage is unknown); the wait before the next
 attempt (the provider's `retry-after`, capped by `FACTORY_RETRY_AFTER_CAP_S`, or exponential backoff from
 `FACTORY_RETRY_DELAY_S` with jitter) never runs past the job's deadline. Auth and request errors, budget
-and deadline stops are never retried.
+and deadline stops are never retried. Each attempt holds a slot of its provider's shared limits, where the
+operator turned them on (tasks/limits.py).
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from factory.errors import DeadlineExceeded, ProviderError, TransientProviderErr
 from factory.models import CallRecord, Usage
 from factory.pricing import Price
 from factory.settings import FactorySettings, get_settings
+from tasks.limits import provider_slot
 
 JITTER_FACTOR = 0.5
+SLOW_SLOT_S = 1.0  # a wait for a provider slot longer than this is said in the run's log
 MAX_BACKOFF_S = 60.0
 
 R = TypeVar("R")
@@ -54,6 +57,7 @@ class Call:
     iteration: int
     role: str
     model: str
+    provider: str  # whose shared limits the call takes a slot of (tasks/limits.py)
 
     @property
     def what(self) -> str:
@@ -79,10 +83,14 @@ async def with_retries(attempt: Attempt[R], call: Call, allowance: Allowance,
     records: list[CallRecord] = []
     for number in range(1, settings.retries + 2):
         allowance.budget.check(allowance.worst, call.what, allowance.held)
-        timeout = time_left(allowance.deadline, call, bound_s)
-        started = time.perf_counter()
         try:
-            value, usage = await _bounded(attempt, timeout, call)
+            async with provider_slot(call.provider, call.what, allowance.deadline) as waited:
+                if waited >= SLOW_SLOT_S:
+                    _logger().info("%s waited %.1f s for a slot of the shared %s limits.", call.what.capitalize(),
+                                   waited, call.provider)
+                timeout = time_left(allowance.deadline, call, bound_s)
+                started = time.perf_counter()
+                value, usage = await _bounded(attempt, timeout, call)
         except ProviderError as exc:
             if exc.billed is not None or exc.billed_unknown:
                 records.append(_charge(allowance, call, exc.billed, started, failed=str(exc)))

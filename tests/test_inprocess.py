@@ -18,7 +18,7 @@ from prefect.states import Cancelling
 
 from tests.emulators.llm import Script
 from tests.helpers import DONE, NOT_YET
-from tests.processes import postgres_database, served_deployment
+from tests.processes import postgres_database, run_cli, served_deployment
 from tests.test_concurrency_pg import job_cost
 
 pytestmark = pytest.mark.cli
@@ -32,7 +32,9 @@ def inprocess_pool(env: dict[str, str], work) -> list[str]:
 @pytest.fixture(scope="module")
 def resident(llm_server, tmp_path_factory):
     # PostgreSQL, as Prefect's production set-up: twenty runs starting at once make SQLite answer 503.
-    with postgres_database() as database, served_deployment(tmp_path_factory.mktemp("resident"), database,
+    # Provider limits on: a limit the operator did not create is no limit, so only the test that creates one sees it.
+    with postgres_database() as database, served_deployment(tmp_path_factory.mktemp("resident"),
+                                                            {**database, "FACTORY_PROVIDER_LIMITS": "true"},
                                                             worker_limit=JOBS + 5,
                                                             pool_options=inprocess_pool) as served:
         yield served
@@ -143,3 +145,20 @@ def test_the_work_pool_lists_the_inprocess_variables(resident):
     assert pool["type"] == "inprocess"
     variables = pool["base_job_template"]["variables"]["properties"]
     assert "Must stay empty" in variables["env"]["description"]
+
+
+async def test_a_shared_limit_of_two_calls_in_flight_holds_across_ten_jobs(resident, llm_server):
+    created = run_cli(["global-concurrency-limit", "create", "factory-anthropic", "--limit", "2"], resident["env"])
+    assert created.returncode == 0, created.stdout + created.stderr
+    try:
+        llm_server.reset(Script(verdicts=[NOT_YET, DONE], latency_s=0.3))
+        runs = await start(resident, [{"seed": f"Write limerick {i}.", "objective": "A limerick.",
+                                       "job_id": f"res-limit-{i}", "limits": {"max_cycles": 4}} for i in range(10)])
+        states = await wait_final(resident, runs)
+        assert all(s.is_completed() for s in states), [s.message for s in states]
+        assert len(llm_server.requests) >= 20, "every job made its calls"
+        assert llm_server.most_open_calls == 2, "the limit held, and was used in full"
+        costs = [result_of(resident, f"res-limit-{i}")["total_cost_usd"] for i in range(10)]
+        assert all(c > 0 for c in costs)
+    finally:
+        run_cli(["--no-prompt", "global-concurrency-limit", "delete", "factory-anthropic"], resident["env"])

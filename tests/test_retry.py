@@ -17,7 +17,7 @@ from tasks.retry import Allowance, Call, with_retries
 pytestmark = pytest.mark.fast
 
 PRICE = Price(input=Decimal(1), output=Decimal(2))
-CALL = Call(iteration=3, role="executor", model="m")
+CALL = Call(iteration=3, role="executor", model="m", provider="anthropic")
 USED = Usage(input_tokens=1000, output_tokens=500)  # $0.002 at PRICE
 
 

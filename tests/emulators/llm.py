@@ -89,8 +89,8 @@ class Emulator(OpenAIMediaRoutes):
         self._lock = threading.Lock()
         self.reset()
         self.app = Starlette(routes=[
-            Route("/v1/messages", self.anthropic_messages, methods=["POST"]),
-            Route("/v1/chat/completions", self.openai_chat, methods=["POST"]),
+            Route("/v1/messages", self._counted(self.anthropic_messages), methods=["POST"]),
+            Route("/v1/chat/completions", self._counted(self.openai_chat), methods=["POST"]),
             *self.media_routes(),
         ])
 
@@ -102,12 +102,27 @@ class Emulator(OpenAIMediaRoutes):
             self.media_billed: list[MediaBilled] = []
             self.faults_sent: list[str] = []
             self.trickles_finished = 0
+            self.open_calls = 0  # chat requests being answered now
+            self.most_open_calls = 0  # the most at once since the reset
             self._anthropic_cache: dict[tuple[str, str], float] = {}  # (model, prefix hash) -> expiry
             self._openai_prompts: dict[tuple[str, str | None], list[str]] = {}
             self._counters = {"executor": itertools.count(), "evaluator": itertools.count()}
             self._fault_iter = iter(self.script.faults)
             self._rng = random.Random(self.script.fault_seed)
         return self.script
+
+    def _counted(self, handler: Any) -> Any:
+        """`handler`, counting the chat requests open at once (a provider's calls in flight)."""
+        async def counted(request: Request) -> Response:
+            with self._lock:
+                self.open_calls += 1
+                self.most_open_calls = max(self.most_open_calls, self.open_calls)
+            try:
+                return await handler(request)
+            finally:
+                with self._lock:
+                    self.open_calls -= 1
+        return counted
 
     # --- scripting -------------------------------------------------------------------------
     def _next_fault(self) -> str | None:
