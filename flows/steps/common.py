@@ -52,13 +52,15 @@ class Made:
 @dataclass
 class PaidCalls:
     """Every paid call of a job goes through `call`: its worst case is checked against the budget and announced
-    in the event log and the UI's budget artifact before it is made, and what it billed is charged once."""
+    in the event log before it is made (and in the UI's budget artifact, at an iteration's first call), and what
+    it billed is charged once."""
 
     job_id: str
     budget: Budget
     log: EventLog
     report: JobReport
     deadline: float
+    shown_for: int = 0  # the iteration whose budget the UI shows: once an iteration, at its first call
 
     async def call(self, task: Any, event: Event, n: int, role: str, model: ModelPlan, request: Any,
                    worst: Decimal | None = None, held: Decimal = Decimal(0), **extra: Any) -> Any:
@@ -72,7 +74,9 @@ class PaidCalls:
             if worst is None:
                 worst = model.price.worst_case(request.input_token_bound(), request.max_tokens)
             what = f"the {role} call of iteration {n}"
-            self.report.budget(self.budget.spent, worst, what)
+            if n != self.shown_for:  # each artifact is an API call: one an iteration shows what one a call would
+                self.shown_for = n
+                self.report.budget(self.budget.spent, worst, what)
             self.budget.check(worst, what, held)  # before the event: a call that cannot fit is never announced
             await self.log.emit(event, iteration=n, role=role, model=model.name, worst_case_usd=float(worst))
             allowance = Allowance(budget=self.budget, price=model.price, worst=worst, deadline=self.deadline,
