@@ -150,6 +150,88 @@ def side_by_side(iterations: int, env: dict) -> tuple[float, float, float, float
             max(f["peak_rss_mb"] for f in flows))
 
 
+def single_job(n: int, env: dict, latency_ms: float) -> None:
+    cold_n, warm_n, bare_n, rss = side_by_side(n, env)
+    cold_1, warm_1, bare_1, _ = side_by_side(1, env)
+    print(f"{n}-iteration job, {latency_ms:.0f} ms per call (medians of 3, side by side):")
+    print(f"  bare asyncio loop: {bare_n:.3f} s")
+    for label, flow_n, flow_1 in (("fresh process (a deployment run)", cold_n, cold_1),
+                                  ("warm process (a later job)", warm_n, warm_1)):
+        fixed = flow_1 - bare_1
+        per_iteration = ((flow_n - bare_n) - fixed) / (n - 1) * 1000
+        print(f"  flow, {label}: {flow_n:.3f} s, ratio {flow_n / bare_n:.3f}; overhead "
+              f"{(flow_n - bare_n) / n * 1000:.1f} ms per iteration on average = {fixed * 1000:.0f} ms per "
+              f"flow run + {per_iteration:.1f} ms per further iteration")
+    print(f"  peak RSS of the flow process: {rss:.0f} MB")
+
+
+def tree(pid: int) -> list:
+    import psutil
+
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and its children, the finished ones included."""
+    import psutil
+
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return times.user + times.system + times.children_user + times.children_system
+
+
+class PeakRss:
+    """The highest summed RSS of a process tree, sampled every 0.2 s in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid, self.peak_mb, self._stop = pid, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.2):
+            try:
+                total = sum(p.memory_info().rss for p in tree(self.pid))
+            except psutil.Error:
+                continue
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_mb
+
+
+def pool_figures(prefect: str, env: dict, work: Path, pool_type: str, args: argparse.Namespace,
+                 server_pid: int) -> subprocess.Popen:
+    """One job, then `--concurrent` jobs at once, on a worker of `pool_type`: wall time over one job's,
+    orchestration CPU-seconds per job (worker and server trees, from /proc), the worker's peak RSS."""
+    subprocess.run([prefect, "--no-prompt", "work-pool", "delete", "factory-local"], env=env, capture_output=True)
+    for cmd in (["work-pool", "create", "factory-local", "--type", pool_type], ["--no-prompt", "deploy", "--all"]):
+        subprocess.run([prefect, *cmd], env=env, cwd=REPO, check=True, capture_output=True)
+    worker = start([prefect, "worker", "start", "--pool", "factory-local", "--limit", str(args.concurrent)],
+                   env, work / f"worker-{pool_type}.log")
+    asyncio.run(run_deployments(1, args.iterations))  # warm: the worker has started and loaded the flow
+    one = asyncio.run(run_deployments(1, args.iterations))
+    cpu_before = cpu_seconds(worker.pid) + sum(cpu_seconds(p.pid) for p in tree(server_pid))
+    peak = PeakRss(worker.pid)
+    many = asyncio.run(run_deployments(args.concurrent, args.iterations))
+    rss = peak.stop()
+    cpu = cpu_seconds(worker.pid) + sum(cpu_seconds(p.pid) for p in tree(server_pid)) - cpu_before
+    print(f"{args.concurrent} jobs at once on one {pool_type} worker (PostgreSQL-backed server), "
+          f"{args.latency_ms:.0f} ms per call:")
+    print(f"  one job: {one:.2f} s   {args.concurrent} jobs: {many:.2f} s   ratio: {many / one:.2f}   "
+          f"orchestration CPU: {cpu / args.concurrent:.2f} s per job   worker peak RSS: {rss:.0f} MB")
+    return worker
+
+
 def recreate_database() -> None:
     for sql in ("DROP DATABASE IF EXISTS factory_bench WITH (FORCE)", "CREATE DATABASE factory_bench"):
         subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc", sql], check=True)
@@ -160,6 +242,8 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=100)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--concurrent", type=int, default=20)
+    parser.add_argument("--pools", default="process,inprocess", help="work pool types to measure, in order")
+    parser.add_argument("--skip-single", action="store_true", help="only the concurrency figures")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -187,27 +271,14 @@ def main() -> None:
     try:
         wait_healthy(env["PREFECT_API_URL"])
         n = args.iterations
-        cold_n, warm_n, bare_n, rss = side_by_side(n, env)
-        cold_1, warm_1, bare_1, _ = side_by_side(1, env)
-        print(f"{n}-iteration job, {args.latency_ms:.0f} ms per call (medians of 3, side by side):")
-        print(f"  bare asyncio loop: {bare_n:.3f} s")
-        for label, flow_n, flow_1 in (("fresh process (a deployment run)", cold_n, cold_1),
-                                      ("warm process (a later job)", warm_n, warm_1)):
-            fixed = flow_1 - bare_1
-            per_iteration = ((flow_n - bare_n) - fixed) / (n - 1) * 1000
-            print(f"  flow, {label}: {flow_n:.3f} s, ratio {flow_n / bare_n:.3f}; overhead "
-                  f"{(flow_n - bare_n) / n * 1000:.1f} ms per iteration on average = {fixed * 1000:.0f} ms per "
-                  f"flow run + {per_iteration:.1f} ms per further iteration")
-        print(f"  peak RSS of the flow process: {rss:.0f} MB")
+        if not args.skip_single:
+            single_job(n, env, args.latency_ms)
 
-        for cmd in (["work-pool", "create", "factory-local", "--type", "process"], ["--no-prompt", "deploy", "--all"]):
-            subprocess.run([prefect, *cmd], env=env, cwd=REPO, check=True, capture_output=True)
-        worker = start([prefect, "worker", "start", "--pool", "factory-local", "--limit", str(args.concurrent)],
-                       env, work / "worker.log")
-        one = asyncio.run(run_deployments(1, args.iterations))
-        many = asyncio.run(run_deployments(args.concurrent, args.iterations))
-        print(f"{args.concurrent} jobs at once on one process worker (PostgreSQL-backed server):")
-        print(f"  one job: {one:.2f} s   {args.concurrent} jobs: {many:.2f} s   ratio: {many / one:.2f}")
+
+        for pool_type in args.pools.split(","):
+            worker = pool_figures(prefect, env, work, pool_type, args, server.pid)
+            stop(worker)
+            worker = None
     finally:
         if worker is not None:
             stop(worker)
