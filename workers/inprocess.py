@@ -5,13 +5,14 @@
 
 A Factory job spends its life awaiting model APIs, so a process per run (the process pool) pays ~2 s of imports
 and ~150 MB for nothing. This worker loads each deployment's flow once (per entrypoint file and its content) and
-runs every flow run as a task of its event loop with Prefect's own engine (`run_flow_async`): each run has its
+runs every flow run as a task of its event loop with Prefect's own engine (`flow_engine.run_flow`): each run has its
 own run context, logs, state, hooks and heartbeats, as on the process pool.
 
 What a shared process cannot give, it refuses in the run's state instead of ignoring: per-run `env` job
 variables (the environment is the worker's) and a `command` (there is no process to start). Cancelling a run in
 Prefect cancels its task alone; the engine then runs the flow's `on_cancellation` hooks and marks it Cancelled.
-A worker that is killed takes its runs with it: Prefect's heartbeat-based crash detection marks them Crashed.
+A worker that is killed takes its runs with it: with flow-run heartbeats on and Prefect's zombie-run automation
+created (README), they are marked Crashed.
 """
 
 from __future__ import annotations
