@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import signal
 from types import SimpleNamespace
 
 import pytest
+from prefect import flow_engine
+from prefect.exceptions import TerminationSignal
 
-from workers.inprocess import FlowCache, InProcessJobConfiguration, RunRefused, working_directory
+from workers.inprocess import (
+    FlowCache,
+    InProcessJobConfiguration,
+    RunControl,
+    RunRefused,
+    _patch_engine,
+    _run_control,
+    working_directory,
+)
 
 pytestmark = pytest.mark.fast
 
@@ -50,3 +61,35 @@ async def test_a_flow_is_loaded_once_per_file_content_and_again_when_it_changes(
         other.write_text(script.read_text())
         await cache.load(f"other{n}.py:job", tmp_path)
     assert len(cache._flows) == 2
+
+
+@pytest.fixture
+def patched_engine(monkeypatch):
+    for name in ("capture_sigterm", "_termination_intent"):  # put back after the test
+        monkeypatch.setattr(flow_engine, name, getattr(flow_engine, name))
+    _patch_engine()
+
+
+def test_a_cancelled_run_leaves_the_workers_signals_alone(patched_engine):
+    # Prefect's engine ends a cancelled run with a TerminationSignal; its SIGTERM bridge would re-send SIGTERM to
+    # the process, which here is the worker running every other job.
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        handler = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(TerminationSignal), flow_engine.capture_sigterm():
+            assert signal.getsignal(signal.SIGTERM) is handler
+            raise TerminationSignal(signal.SIGTERM)
+        assert received == []
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_cancel_intent_belongs_to_the_run_it_was_given_to(patched_engine):
+    cancelled, running = RunControl(cancelling=True), RunControl()
+    for control, intent in ((cancelled, "cancel"), (running, None)):
+        token = _run_control.set(control)
+        try:
+            assert flow_engine._termination_intent() == intent
+        finally:
+            _run_control.reset(token)

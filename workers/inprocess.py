@@ -22,7 +22,7 @@ import hashlib
 import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,11 +124,20 @@ def _intent() -> Literal["cancel"] | Any:
 _ENGINE_INTENT = getattr(flow_engine, "_termination_intent", None)
 
 
-def _install_intent() -> None:
-    if _ENGINE_INTENT is None:
-        raise RuntimeError("this Prefect has no flow_engine._termination_intent: the inprocess worker cannot map a "
-                           "cancel to its run. Use the Prefect version in uv.lock, or a process pool.")
-    flow_engine._termination_intent = _intent  # per-run, see _intent
+def _patch_engine() -> None:
+    """Make the engine's two process-wide hooks fit runs that share a process.
+
+    - The termination intent becomes per run (`_intent`), so a cancel reaches the run it names.
+    - The engine's SIGTERM bridge goes. The first run to start would install it, and a run of its that ends
+      in the engine's TerminationSignal (a cancel) re-sends SIGTERM to the process: the worker, and every
+      other run with it. The process's signals are the worker's: SIGTERM stops the worker, as on any pool.
+    """
+    if _ENGINE_INTENT is None or not hasattr(flow_engine, "capture_sigterm"):
+        raise RuntimeError("this Prefect's flow engine has no _termination_intent or capture_sigterm: the inprocess "
+                           "worker cannot keep its runs apart. Use the Prefect version in uv.lock, or a process "
+                           "pool.")
+    flow_engine._termination_intent = _intent
+    flow_engine.capture_sigterm = nullcontext
 
 
 class FlowCache:
@@ -179,7 +188,7 @@ class InProcessWorker(BaseWorker[InProcessJobConfiguration, InProcessVariables, 
         self._observer: FlowRunCancellingObserver | None = None
 
     async def setup(self) -> None:
-        _install_intent()
+        _patch_engine()
         await super().setup()
 
     async def _initialize_after_sync(self) -> None:
