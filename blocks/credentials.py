@@ -8,12 +8,14 @@ job callbacks follows the same rule: the Secret block `factory-callback-secret`,
 from __future__ import annotations
 
 import os
+import time
 
 from prefect.blocks.system import Secret
 from pydantic import SecretStr
 
 from factory.errors import ConfigurationError
 from factory.providers import DRY_RUN_MODEL
+from factory.settings import get_settings
 
 SECRET_BLOCKS = {"anthropic": "anthropic-api-key", "openai": "openai-api-key", "openai-compatible": "openai-api-key",
                  "fal": "fal-api-key", "elevenlabs": "elevenlabs-api-key"}
@@ -22,29 +24,40 @@ ENV_KEYS = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY", "opena
 CALLBACK_SECRET_BLOCK = "factory-callback-secret"
 CALLBACK_SECRET_ENV = "FACTORY_CALLBACK_SECRET"
 
-_cache: dict[str, SecretStr | None] = {}
+# Keys found, with when they were read: a job makes every call with one lookup per key and TTL, not one per call.
+_cache: dict[str, tuple[SecretStr, float]] = {}
+_clock = time.monotonic
 
 
 async def api_key_for(provider: str) -> SecretStr | None:
     """The key for `provider` from its Secret block, else from the environment, else None.
 
-    Looked up once per process: a worker running many jobs asks the API once.
+    A key found is kept for `FACTORY_SECRET_TTL_S` (a rotated key reaches a long-running worker within it);
+    one not found is looked up again next time.
     """
     if provider not in SECRET_BLOCKS:
         return None  # needs no key: dry-run, and GPU models (RunPod's key lives with the `runpod` worker)
-    if provider not in _cache:
-        _cache[provider] = await _from_block(SECRET_BLOCKS[provider]) or _from_env(ENV_KEYS[provider])
-    return _cache[provider]
+    return await _cached(provider, SECRET_BLOCKS[provider], ENV_KEYS[provider])
 
 
 async def callback_secret() -> SecretStr | None:
     """The key that signs job callbacks (`X-Factory-Signature`), or None: callbacks then go unsigned.
 
-    Looked up once per process, like the provider keys.
+    Kept as the provider keys are.
     """
-    if "callback" not in _cache:
-        _cache["callback"] = await _from_block(CALLBACK_SECRET_BLOCK) or _from_env(CALLBACK_SECRET_ENV)
-    return _cache["callback"]
+    return await _cached("callback", CALLBACK_SECRET_BLOCK, CALLBACK_SECRET_ENV)
+
+
+async def _cached(name: str, block: str, variable: str) -> SecretStr | None:
+    kept = _cache.get(name)
+    if kept is not None and _clock() - kept[1] < get_settings().secret_ttl_s:
+        return kept[0]
+    key = await _from_block(block) or _from_env(variable)
+    if key is None:
+        _cache.pop(name, None)
+    else:
+        _cache[name] = (key, _clock())
+    return key
 
 
 async def _from_block(name: str) -> SecretStr | None:

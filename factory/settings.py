@@ -88,6 +88,10 @@ class FactorySettings(BaseSettings):
         default=False, description="Every provider call first takes a slot of Prefect's global concurrency limit "
         "`factory-<provider>` (calls in flight) and rate limit `factory-<provider>-per-minute`, where the operator "
         "created them (`prefect gcl create`); shared by every worker and pool. Off: one fewer API round trip a call.")
+    secret_ttl_s: float = Field(
+        default=300.0, ge=0, le=86_400, description="How long a worker keeps a provider key read from its Secret block "
+        "before reading it again: a rotated key reaches a long-running worker within this time. A key not found is "
+        "never kept, so a block created after a refused job serves the next one.")
     callback_timeout_s: float = Field(
         default=10.0, gt=0, le=300, description="Longest one callback attempt may take, cut to what is left of "
         "the retry window.")
