@@ -78,20 +78,53 @@ async def bare_loop(iterations: int) -> float:
     return wall
 
 
+class ApiTraffic:
+    """The Prefect API requests and events a process makes while counting: what orchestration costs the server."""
+
+    def __init__(self) -> None:
+        import re
+        from collections import Counter
+
+        import httpx
+        from prefect.events.clients import EventsClient
+
+        self.requests: Counter[str] = Counter()
+        self.events: Counter[str] = Counter()
+        self.counting = False
+        api = os.environ["PREFECT_API_URL"]
+        ids = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+        send, emit, traffic = httpx.AsyncClient.send, EventsClient.emit, self
+
+        async def counted_send(client, request, **kwargs):
+            if traffic.counting and str(request.url).startswith(api):
+                traffic.requests[f"{request.method} {ids.sub('{id}', request.url.path[len('/api'):])}"] += 1
+            return await send(client, request, **kwargs)
+
+        async def counted_emit(client, event):
+            if traffic.counting:
+                traffic.events[event.event] += 1
+            return await emit(client, event)
+
+        httpx.AsyncClient.send, EventsClient.emit = counted_send, counted_emit
+
+
 async def flow_child(iterations: int) -> None:
     """Two jobs in one fresh process: the first pays the process's warm-up (as every deployment run
-    does), the second shows the steady state of a long-lived process."""
+    does), the second shows the steady state of a long-lived process; the second's API traffic is counted."""
     import factory.providers.anthropic
     from flows.job import factory
 
+    traffic = ApiTraffic()
     walls = []
-    for _ in range(2):
+    for attempt in range(2):
+        traffic.counting = attempt == 1
         started = time.perf_counter()
         result = await factory(**params(iterations))
         walls.append(time.perf_counter() - started)
         assert result.total_iterations == iterations, result
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"cold_s": walls[0], "warm_s": walls[1], "peak_rss_mb": peak_mb}))
+    print(json.dumps({"cold_s": walls[0], "warm_s": walls[1], "peak_rss_mb": peak_mb,
+                      "requests": traffic.requests, "events": traffic.events}))
 
 
 def start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -147,12 +180,12 @@ def side_by_side(iterations: int, env: dict) -> tuple[float, float, float, float
         flows.append(json.loads(out.strip().splitlines()[-1]))
         bares.append(asyncio.run(bare_loop(iterations)))
     return (sorted(f["cold_s"] for f in flows)[1], sorted(f["warm_s"] for f in flows)[1], sorted(bares)[1],
-            max(f["peak_rss_mb"] for f in flows))
+            max(f["peak_rss_mb"] for f in flows), flows[-1])
 
 
 def single_job(n: int, env: dict, latency_ms: float) -> None:
-    cold_n, warm_n, bare_n, rss = side_by_side(n, env)
-    cold_1, warm_1, bare_1, _ = side_by_side(1, env)
+    cold_n, warm_n, bare_n, rss, child = side_by_side(n, env)
+    cold_1, warm_1, bare_1, _, _ = side_by_side(1, env)
     print(f"{n}-iteration job, {latency_ms:.0f} ms per call (medians of 3, side by side):")
     print(f"  bare asyncio loop: {bare_n:.3f} s")
     for label, flow_n, flow_1 in (("fresh process (a deployment run)", cold_n, cold_1),
@@ -163,6 +196,10 @@ def single_job(n: int, env: dict, latency_ms: float) -> None:
               f"{(flow_n - bare_n) / n * 1000:.1f} ms per iteration on average = {fixed * 1000:.0f} ms per "
               f"flow run + {per_iteration:.1f} ms per further iteration")
     print(f"  peak RSS of the flow process: {rss:.0f} MB")
+    for kind in ("requests", "events"):
+        counts = sorted(child[kind].items(), key=lambda item: -item[1])
+        print(f"  Prefect API {kind} of one warm {n}-iteration job: {sum(child[kind].values())} "
+              f"({', '.join(f'{name} {count}' for name, count in counts)})")
 
 
 def tree(pid: int) -> list:

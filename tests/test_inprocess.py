@@ -174,3 +174,28 @@ async def test_a_shared_limit_of_two_calls_in_flight_holds_across_ten_jobs(resid
         assert all(c > 0 for c in costs)
     finally:
         run_cli(["--no-prompt", "global-concurrency-limit", "delete", "factory-anthropic"], resident["env"])
+
+
+# A resident worker's memory grows while its pools, caches and allocator arenas fill, then levels off. A leak of one
+# loaded flow or run context per run (a few MB each) would add far more than the bound over the last hundred runs.
+MEMORY_GROWTH_BOUND_MB = 25
+MEMORY_BOUND_MB = 1024
+
+
+async def test_the_workers_memory_stays_bounded_over_two_hundred_jobs(resident):
+    import psutil
+
+    worker = psutil.Process(resident["worker"].proc.pid)
+
+    async def wave(first: int, count: int = JOBS) -> float:
+        runs = await start(resident, [{"seed": f"Say {n}.", "objective": "A word.", "job_id": f"res-mem-{n}",
+                                       "executor_model": "dry-run", "evaluator_model": "dry-run",
+                                       "limits": {"max_cycles": 1}} for n in range(first, first + count)])
+        states = await wait_final(resident, runs)
+        assert all(s.is_completed() for s in states), [s.message for s in states]
+        return worker.memory_info().rss / 2**20
+
+    rss = [await wave(first) for first in range(0, 220, JOBS)]  # 220 jobs, twenty at a time
+    print("worker RSS (MB) after each twenty jobs:", [round(mb) for mb in rss])
+    assert rss[-1] - rss[5] <= MEMORY_GROWTH_BOUND_MB, f"grew over the last hundred jobs: {rss}"
+    assert max(rss) <= MEMORY_BOUND_MB
