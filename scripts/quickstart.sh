@@ -4,8 +4,9 @@
 #   ./scripts/quickstart.sh ['{"seed": "...", "objective": "..."}']
 #
 # Installs the project (uv), starts a local Prefect server on SQLite in the background if none
-# answers at PREFECT_API_URL, creates the `factory-local` process work pool, deploys, starts a
-# worker in the background, runs the job with --watch and prints its JobResult. Uses Anthropic
+# answers at PREFECT_API_URL, creates the `factory-local` work pool as a resident (`inprocess`) pool,
+# deploys, creates the zombie-run automation, starts a worker with heartbeats in the background, runs
+# the job with --watch and prints its JobResult. Uses Anthropic
 # when ANTHROPIC_API_KEY is set, else OpenAI when OPENAI_API_KEY is set, else the `dry-run` model.
 # Background processes write their PID and log under .factory/; stop them with
 #   kill $(cat .factory/worker.pid) $(cat .factory/server.pid)
@@ -38,13 +39,20 @@ fi
 prefect config view 2>/dev/null | grep -q "^PREFECT_API_URL=.*(from profile)" \
   || { prefect config set PREFECT_API_URL="$PREFECT_API_URL" >/dev/null
        echo "Saved PREFECT_API_URL=$PREFECT_API_URL in your Prefect profile."; }
-prefect work-pool inspect factory-local >/dev/null 2>&1 || prefect work-pool create factory-local --type process
+# A pool made earlier keeps its type (a `process` pool still works); a new one is resident: one worker process for
+# many jobs (README, "Many jobs on one worker").
+prefect work-pool inspect factory-local >/dev/null 2>&1 || prefect work-pool create factory-local --type inprocess
 prefect --no-prompt deploy --all
 uv run --frozen python -m blocks.register
+# A killed worker's runs are marked Crashed by the server when their heartbeats stop.
+curl -fsS -m 10 -X POST -H 'Content-Type: application/json' -d '{}' "$PREFECT_API_URL/automations/filter" \
+  | grep -q '"name":"factory-crash-zombie-runs"' \
+  || prefect automation create --from-file automations/crash-zombie-runs.yaml >/dev/null
 
 if ! alive "$state_dir/worker.pid"; then
   echo "Starting a worker on pool factory-local (log: $state_dir/worker.log)"
-  nohup uv run --frozen prefect worker start --pool factory-local >"$state_dir/worker.log" 2>&1 &
+  PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 nohup uv run --frozen prefect worker start --pool factory-local --limit 50 \
+    >"$state_dir/worker.log" 2>&1 &
   echo $! >"$state_dir/worker.pid"
 fi
 
