@@ -6,6 +6,9 @@ Everything runs on 127.0.0.1: the provider emulator from tests/ (every call take
 a `prefect server start` on PostgreSQL (database `factory_bench` on 127.0.0.1:5432, recreated) and,
 for the concurrency figure, a process worker on `factory-local` with the deployment from prefect.yaml.
 
+With `--redis`, the server runs as Prefect documents for scale-out: the API and the background services as
+separate processes, messaging, ordering, leases and docket on Redis (127.0.0.1:6379, dbs 3 and 4, flushed).
+
 1. The same never-converging 10-iteration job (20 model calls), side by side: through the flow against the
    running server, in a fresh child process (cold, as a deployment run is) and again in that process
    (warm), and as a bare asyncio loop calling the same providers with the same prompts. Ratio = flow /
@@ -33,6 +36,14 @@ sys.path.insert(0, str(REPO))
 NEVER = {"converged": False, "confidence": 0.4, "strengths": ["s"], "weaknesses": ["w"],
          "feedback_for_executor": "Revise."}
 PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/factory_bench"
+# Prefect's scale-out set-up (docs: "How to scale self-hosted Prefect"): events, cache, ordering, concurrency leases
+# and background-task coordination in Redis, so API servers and the services can be separate processes.
+REDIS_ENV = {"PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
+             "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
+             "PREFECT_SERVER_EVENTS_CAUSAL_ORDERING": "prefect_redis.ordering",
+             "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect_redis.lease_storage",
+             "PREFECT_REDIS_MESSAGING_HOST": "127.0.0.1", "PREFECT_REDIS_MESSAGING_PORT": "6379",
+             "PREFECT_REDIS_MESSAGING_DB": "3", "PREFECT_SERVER_DOCKET_URL": "redis://127.0.0.1:6379/4"}
 
 
 def params(iterations: int) -> dict:
@@ -247,7 +258,7 @@ class PeakRss:
 
 
 def pool_figures(prefect: str, env: dict, work: Path, pool_type: str, args: argparse.Namespace,
-                 server_pid: int) -> subprocess.Popen:
+                 server_pids: list[int]) -> subprocess.Popen:
     """One job, then `--concurrent` jobs at once, on a worker of `pool_type`: wall time over one job's,
     orchestration CPU-seconds per job (worker and server trees, from /proc), the worker's peak RSS."""
     subprocess.run([prefect, "--no-prompt", "work-pool", "delete", "factory-local"], env=env, capture_output=True)
@@ -257,16 +268,37 @@ def pool_figures(prefect: str, env: dict, work: Path, pool_type: str, args: argp
                    env, work / f"worker-{pool_type}.log")
     asyncio.run(run_deployments(1, args.iterations))  # warm: the worker has started and loaded the flow
     one = asyncio.run(run_deployments(1, args.iterations))
-    cpu_before = cpu_seconds(worker.pid) + sum(cpu_seconds(p.pid) for p in tree(server_pid))
+    def server_cpu() -> float:
+        return sum(cpu_seconds(p.pid) for pid in server_pids for p in tree(pid))
+
+    worker_before, server_before = cpu_seconds(worker.pid), server_cpu()
     peak = PeakRss(worker.pid)
     many = asyncio.run(run_deployments(args.concurrent, args.iterations))
     rss = peak.stop()
-    cpu = cpu_seconds(worker.pid) + sum(cpu_seconds(p.pid) for p in tree(server_pid)) - cpu_before
-    print(f"{args.concurrent} jobs at once on one {pool_type} worker (PostgreSQL-backed server), "
+    worker_cpu, serving_cpu = cpu_seconds(worker.pid) - worker_before, server_cpu() - server_before
+    cpu = worker_cpu + serving_cpu
+    setup = "PostgreSQL + Redis, API and services apart" if args.redis else "PostgreSQL"
+    print(f"{args.concurrent} jobs at once on one {pool_type} worker (server: {setup}), "
           f"{args.latency_ms:.0f} ms per call:")
     print(f"  one job: {one:.2f} s   {args.concurrent} jobs: {many:.2f} s   ratio: {many / one:.2f}   "
-          f"orchestration CPU: {cpu / args.concurrent:.2f} s per job   worker peak RSS: {rss:.0f} MB")
+          f"orchestration CPU: {cpu / args.concurrent:.2f} s per job (worker {worker_cpu / args.concurrent:.2f}, "
+          f"server {serving_cpu / args.concurrent:.2f})   worker peak RSS: {rss:.0f} MB")
     return worker
+
+
+def start_server(prefect: str, env: dict, work: Path, port: int, redis: bool) -> list[subprocess.Popen]:
+    """`prefect server start` with its services; with `redis`, the API alone and `prefect server services start`
+    beside it, on a flushed Redis."""
+    serve = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    if not redis:
+        return [start(serve, env, work / "server.log")]
+    import redis as redis_client
+
+    for db in (3, 4):
+        redis_client.Redis(host="127.0.0.1", port=6379, db=db).flushdb()
+    api = start([*serve, "--no-services"], env, work / "server.log")
+    wait_healthy(env["PREFECT_API_URL"])  # the API migrates the database before the services use it
+    return [api, start([prefect, "server", "services", "start"], env, work / "services.log")]
 
 
 def recreate_database() -> None:
@@ -281,6 +313,8 @@ def main() -> None:
     parser.add_argument("--concurrent", type=int, default=20)
     parser.add_argument("--pools", default="process,inprocess", help="work pool types to measure, in order")
     parser.add_argument("--skip-single", action="store_true", help="only the concurrency figures")
+    parser.add_argument("--redis", action="store_true", help="the server in Prefect's scale-out set-up: API and "
+                        "background services as separate processes, messaging on Redis at 127.0.0.1:6379")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -300,26 +334,27 @@ def main() -> None:
            "PREFECT_HOME": str(work / "home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_API_DATABASE_CONNECTION_URL": PG_URL, "FACTORY_STORAGE_ROOT": str(work / "storage"),
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    if args.redis:
+        env.update(REDIS_ENV)
     os.environ.update(env)
     recreate_database()
     prefect = str(Path(sys.executable).parent / "prefect")
-    server = start([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, work / "server.log")
+    servers = start_server(prefect, env, work, port, args.redis)
     worker = None
     try:
         wait_healthy(env["PREFECT_API_URL"])
         n = args.iterations
         if not args.skip_single:
             single_job(n, env, args.latency_ms)
-
-
         for pool_type in args.pools.split(","):
-            worker = pool_figures(prefect, env, work, pool_type, args, server.pid)
+            worker = pool_figures(prefect, env, work, pool_type, args, [p.pid for p in servers])
             stop(worker)
             worker = None
     finally:
         if worker is not None:
             stop(worker)
-        stop(server)
+        for server in servers:
+            stop(server)
         llm.stop()
 
 
