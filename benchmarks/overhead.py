@@ -268,6 +268,7 @@ def pool_figures(prefect: str, env: dict, work: Path, pool_type: str, args: argp
                    env, work / f"worker-{pool_type}.log")
     asyncio.run(run_deployments(1, args.iterations))  # warm: the worker has started and loaded the flow
     one = asyncio.run(run_deployments(1, args.iterations))
+    bare = asyncio.run(bare_loop(args.iterations))
     def server_cpu() -> float:
         return sum(cpu_seconds(p.pid) for pid in server_pids for p in tree(pid))
 
@@ -280,6 +281,8 @@ def pool_figures(prefect: str, env: dict, work: Path, pool_type: str, args: argp
     setup = "PostgreSQL + Redis, API and services apart" if args.redis else "PostgreSQL"
     print(f"{args.concurrent} jobs at once on one {pool_type} worker (server: {setup}), "
           f"{args.latency_ms:.0f} ms per call:")
+    print(f"  one job on the warm worker, creation to completion: {one:.2f} s, over the bare loop's {bare:.2f} s: "
+          f"{one / bare:.3f}")
     print(f"  one job: {one:.2f} s   {args.concurrent} jobs: {many:.2f} s   ratio: {many / one:.2f}   "
           f"orchestration CPU: {cpu / args.concurrent:.2f} s per job (worker {worker_cpu / args.concurrent:.2f}, "
           f"server {serving_cpu / args.concurrent:.2f})   worker peak RSS: {rss:.0f} MB")

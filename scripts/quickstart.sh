@@ -19,7 +19,7 @@ export PREFECT_API_URL="${PREFECT_API_URL:-http://127.0.0.1:4200/api}"
 export FACTORY_STORAGE_ROOT="${FACTORY_STORAGE_ROOT:-$HOME/.factory/storage}"
 
 command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
-uv sync --frozen --quiet
+uv sync --frozen --quiet --inexact  # inexact: keeps the `gpu` extra the test suite installs
 prefect() { uv run --frozen --quiet prefect "$@"; }
 
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
