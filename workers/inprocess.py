@@ -11,8 +11,9 @@ own run context, logs, state, hooks and heartbeats, as on the process pool.
 What a shared process cannot give, it refuses in the run's state instead of ignoring: per-run `env` job
 variables (the environment is the worker's) and a `command` (there is no process to start). Cancelling a run in
 Prefect cancels its task alone; the engine then runs the flow's `on_cancellation` hooks and marks it Cancelled.
-A worker that is killed takes its runs with it: with flow-run heartbeats on and Prefect's zombie-run automation
-created (README), they are marked Crashed.
+The process's signals stay the worker's (`_patch_engine`): SIGTERM stops the worker, never one run. A worker
+that is killed takes its runs with it: with flow-run heartbeats on and the zombie-run automation in
+automations/ created, the server marks them Crashed.
 """
 
 from __future__ import annotations
