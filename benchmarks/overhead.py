@@ -231,6 +231,11 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system + times.children_user + times.children_system
 
 
+def tree_cpu(pids: list[int]) -> float:
+    """CPU time of the process trees under `pids` (the server's API and services)."""
+    return sum(cpu_seconds(p.pid) for pid in pids for p in tree(pid))
+
+
 class PeakRss:
     """The highest summed RSS of a process tree, sampled every 0.2 s in a thread."""
 
@@ -269,14 +274,11 @@ def pool_figures(prefect: str, env: dict, work: Path, pool_type: str, args: argp
     asyncio.run(run_deployments(1, args.iterations))  # warm: the worker has started and loaded the flow
     one = asyncio.run(run_deployments(1, args.iterations))
     bare = asyncio.run(bare_loop(args.iterations))
-    def server_cpu() -> float:
-        return sum(cpu_seconds(p.pid) for pid in server_pids for p in tree(pid))
-
-    worker_before, server_before = cpu_seconds(worker.pid), server_cpu()
+    worker_before, server_before = cpu_seconds(worker.pid), tree_cpu(server_pids)
     peak = PeakRss(worker.pid)
     many = asyncio.run(run_deployments(args.concurrent, args.iterations))
     rss = peak.stop()
-    worker_cpu, serving_cpu = cpu_seconds(worker.pid) - worker_before, server_cpu() - server_before
+    worker_cpu, serving_cpu = cpu_seconds(worker.pid) - worker_before, tree_cpu(server_pids) - server_before
     cpu = worker_cpu + serving_cpu
     setup = "PostgreSQL + Redis, API and services apart" if args.redis else "PostgreSQL"
     print(f"{args.concurrent} jobs at once on one {pool_type} worker (server: {setup}), "
