@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -16,6 +18,7 @@ from tests.emulators.server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 STOP_GRACE_S = 10.0
+FINAL_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 def prefect_bin() -> str:
@@ -61,6 +64,14 @@ def run_cli(args: list[str], env: dict[str, str], timeout_s: float = 120.0) -> s
                           timeout=timeout_s)
 
 
+def deployment_run(env: dict[str, str], params: dict, *options: str, deployment: str = "factory/job",
+                   timeout_s: float = 120.0) -> str:
+    """`prefect deployment run <deployment> --params '...'` as a user types it; the flow run id it prints."""
+    run = run_cli(["deployment", "run", deployment, "--params", json.dumps(params), *options], env, timeout_s)
+    assert run.returncode == 0, run.stdout + run.stderr
+    return re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+
+
 def flow_run_state(api_url: str, flow_run_id: str) -> str:
     return httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=10).json()["state"]["type"]
 
@@ -92,6 +103,10 @@ def postgres_database() -> Iterator[dict[str, str]]:
 
 def process_pool(env: dict[str, str], work: Path) -> list[str]:
     return ["--type", "process"]
+
+
+def inprocess_pool(env: dict[str, str], work: Path) -> list[str]:
+    return ["--type", "inprocess"]
 
 
 @contextmanager

@@ -46,7 +46,7 @@ from tests.conftest import reset_settings
 from tests.emulators.llm import Script
 from tests.emulators.server import ThreadedServer, free_port
 from tests.helpers import DONE, NOT_YET, artifacts_of, event_names, job_params, read_log, run_job
-from tests.processes import run_cli, served_deployment, wait_state
+from tests.processes import deployment_run, run_cli, served_deployment, wait_state
 from tests.test_params import deployment  # noqa: F401 - the fixture
 
 SECRET = "whsec-test-callback-secret"
@@ -197,9 +197,7 @@ def test_a_job_cancelled_through_prefect_sends_one_cancelled_callback(llm_server
               "limits": {"max_cycles": 30}, "callback_url": receiver.url}
     environment = {"FACTORY_CALLBACK_ALLOWED_HOSTS": "127.0.0.1", "FACTORY_CALLBACK_SECRET": SECRET}
     with served_deployment(tmp_path, environment) as served:
-        run = run_cli(["deployment", "run", "factory/job", "--params", json.dumps(params)], served["env"])
-        assert run.returncode == 0, run.stdout + run.stderr
-        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+        flow_run_id = deployment_run(served["env"], params)
         log_path = served["storage"] / "cli-callback-cancel" / "log.json"
         deadline = time.monotonic() + 120
         while not (log_path.exists() and "ITERATION_END" in event_names(log_path)):

@@ -4,7 +4,6 @@ worker, and `prefect deployment run factory/job --params ... --watch` through th
 from __future__ import annotations
 
 import json
-import re
 import time
 
 import httpx
@@ -13,7 +12,7 @@ import pytest
 from tests.browser import Browser
 from tests.emulators.llm import Script
 from tests.helpers import DONE, NOT_YET, read_log
-from tests.processes import run_cli, served_deployment
+from tests.processes import deployment_run, run_cli, served_deployment
 
 pytestmark = pytest.mark.cli
 
@@ -53,9 +52,7 @@ def test_cancelling_a_run_ends_the_job_cancelled_with_a_complete_log(served, llm
     llm_server.reset(Script(verdicts=[NOT_YET], latency_s=1.0))
     params = {"seed": "Write an essay.", "objective": "An essay.", "job_id": "cli-cancel-1",
               "limits": {"max_cycles": 30}}
-    run = run_cli(["deployment", "run", "factory/job", "--params", json.dumps(params)], served["env"])
-    assert run.returncode == 0, run.stdout + run.stderr
-    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+    flow_run_id = deployment_run(served["env"], params)
     log_path = served["storage"] / "cli-cancel-1" / "log.json"
     deadline = time.monotonic() + 120
     while not (log_path.exists() and any(e["event"] == "ITERATION_END" for e in read_log(log_path))):
@@ -82,10 +79,7 @@ def test_cancelling_a_run_ends_the_job_cancelled_with_a_complete_log(served, llm
 async def test_prefect_ui_shows_the_jobs_artifacts(served, tmp_path):
     params = {"seed": "Write a haiku.", "objective": "A haiku.", "job_id": "ui-job-1",
               "executor_model": "dry-run", "evaluator_model": "dry-run"}
-    run = run_cli(["deployment", "run", "factory/job", "--params", json.dumps(params), "--watch"], served["env"],
-                  timeout_s=240)
-    assert run.returncode == 0, run.stdout + run.stderr
-    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+    flow_run_id = deployment_run(served["env"], params, "--watch", timeout_s=240)
     ui = served["api_url"].removesuffix("/api")
     async with Browser() as browser:
         await browser.goto(f"{ui}/runs/flow-run/{flow_run_id}")

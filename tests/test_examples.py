@@ -26,14 +26,13 @@ from factory.models import JobResult
 from tests.emulators.llm import Script
 from tests.emulators.server import ThreadedServer
 from tests.helpers import DONE, NOT_YET
-from tests.processes import REPO, served_deployment
+from tests.processes import FINAL_STATES, REPO, served_deployment
 from tests.test_callback import SECRET, Receiver, assert_signed, verify_signature
 
 pytestmark = pytest.mark.cli
 
 EXAMPLES = REPO / "examples"
 WORKFLOW = json.loads((EXAMPLES / "n8n" / "workflow.json").read_text())
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 RUN_TIMEOUT_S = 150
 
 
@@ -60,7 +59,7 @@ def wait_final(served: dict, flow_run_id: str) -> str:
     """The flow run's final state type, within RUN_TIMEOUT_S; the worker's log if it is not final by then."""
     deadline = time.monotonic() + RUN_TIMEOUT_S
     url = f"{served['api_url']}/flow_runs/{flow_run_id}"
-    while (state := prefect("GET", url).json()["state"]["type"]) not in FINAL:
+    while (state := prefect("GET", url).json()["state"]["type"]) not in FINAL_STATES:
         assert time.monotonic() < deadline, f"{state}: " + served["worker"].log.read_text()[-3000:]
         time.sleep(0.5)
     return state

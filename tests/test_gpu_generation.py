@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -25,13 +24,20 @@ from PIL import Image
 from tests.browser import Browser
 from tests.emulators.runpod import REPO, RUNPOD_KEY, RunPodEmulator
 from tests.emulators.server import ThreadedServer
-from tests.processes import Background, prefect_bin, run_cli, served_deployment, wait_state
+from tests.processes import (
+    FINAL_STATES,
+    Background,
+    deployment_run,
+    prefect_bin,
+    run_cli,
+    served_deployment,
+    wait_state,
+)
 from tests.s3server import BUCKET
 from tests.tiny_pipeline import build_tiny_text_to_image_pipeline
 
 pytestmark = pytest.mark.cli
 GPU_PRICE_PER_S = Decimal("0.00031")
-FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 MISSING_MODEL = "no-such-model"  # under FACTORY_MODELS_DIR, where nothing is
 
 
@@ -88,12 +94,10 @@ def start_job(stack, job_id: str, model: str | None = None) -> str:
     params = {"seed": "A red circle on a white background.", "objective": "A single red circle, centred.",
               "function": "IMAGE_GENERATION", "job_id": job_id,
               "executor_model": f"diffusers:{model or stack['model']}"}
-    run = run_cli(["deployment", "run", "factory/job", "--params", json.dumps(params)], stack["env"])
-    assert run.returncode == 0, run.stdout + run.stderr
-    return re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+    return deployment_run(stack["env"], params)
 
 
-def wait_job(stack, flow_run_id: str, states: set[str] = FINAL, timeout_s: float = 300) -> str:
+def wait_job(stack, flow_run_id: str, states: set[str] = FINAL_STATES, timeout_s: float = 300) -> str:
     return wait_state({**stack, "worker": stack["cpu_worker"]}, flow_run_id, states, timeout_s)
 
 

@@ -18,15 +18,11 @@ from prefect.states import Cancelling
 
 from tests.emulators.llm import Script
 from tests.helpers import DONE, NOT_YET
-from tests.processes import postgres_database, run_cli, served_deployment
+from tests.processes import inprocess_pool, postgres_database, run_cli, served_deployment
 from tests.test_concurrency_pg import job_cost
 
 pytestmark = pytest.mark.cli
 JOBS = 20
-
-
-def inprocess_pool(env: dict[str, str], work) -> list[str]:
-    return ["--type", "inprocess"]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import time
 from decimal import Decimal
@@ -17,12 +16,21 @@ import yaml
 
 from tests.emulators.llm import Script
 from tests.helpers import DONE, NOT_YET
-from tests.processes import REPO, Background, prefect_bin, run_cli, served_deployment, wait_state
+from tests.processes import (
+    FINAL_STATES,
+    REPO,
+    Background,
+    deployment_run,
+    inprocess_pool,
+    prefect_bin,
+    run_cli,
+    served_deployment,
+    wait_state,
+)
 from tests.test_concurrency_pg import job_cost
 
 pytestmark = pytest.mark.cli
 SEED = "Write a sonnet about lighthouses."
-FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 @pytest.fixture(scope="module")
@@ -30,14 +38,8 @@ def heartbeating(llm_server, tmp_path_factory):
     work = tmp_path_factory.mktemp("killed")
     # Prefect's shortest heartbeat; the worker's runs beat from its own threads.
     with served_deployment(work, {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"},
-                           pool_options=lambda env, _: ["--type", "inprocess"]) as served:
+                           pool_options=inprocess_pool) as served:
         yield {**served, "work": work}
-
-
-def run_job(served: dict, params: dict) -> str:
-    run = run_cli(["deployment", "run", "factory/job", "--params", json.dumps(params)], served["env"])
-    assert run.returncode == 0, run.stdout + run.stderr
-    return re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
 
 
 def test_a_killed_workers_run_is_crashed_by_prefect_and_resumes_from_the_cache(heartbeating, llm_server):
@@ -50,7 +52,7 @@ def test_a_killed_workers_run_is_crashed_by_prefect_and_resumes_from_the_cache(h
     # Each call takes 3 s: the kill lands while iteration 2's executor call is in flight.
     llm_server.reset(Script(verdicts=[NOT_YET, NOT_YET, DONE], latency_s=3.0))
     params = {"seed": SEED, "objective": "A sonnet.", "job_id": "killed-1", "limits": {"max_cycles": 5}}
-    first = run_job(served, params)
+    first = deployment_run(env, params)
     log = served["storage"] / "killed-1" / "log.json"
     deadline = time.monotonic() + 120
     while not log.exists() or "ITERATION_END" not in log.read_text():
@@ -61,7 +63,7 @@ def test_a_killed_workers_run_is_crashed_by_prefect_and_resumes_from_the_cache(h
     paid_first = list(llm_server.billed[:2])  # iteration 1: its executor and evaluator
     assert [b.role for b in paid_first] == ["executor", "evaluator"]
 
-    assert wait_state(served, first, FINAL, timeout_s=150) == "CRASHED"
+    assert wait_state(served, first, FINAL_STATES, timeout_s=150) == "CRASHED"
     lost = llm_server.billed[2:]  # in flight at the kill, if it was sent: billed, and known to nobody
     assert [b.role for b in lost] in ([], ["executor"])
 
@@ -69,8 +71,8 @@ def test_a_killed_workers_run_is_crashed_by_prefect_and_resumes_from_the_cache(h
                         served["work"] / "worker-2.log")
     served["worker"] = worker
     try:
-        rerun = run_job(served, params)
-        assert wait_state(served, rerun, FINAL, timeout_s=120) == "COMPLETED"
+        rerun = deployment_run(env, params)
+        assert wait_state(served, rerun, FINAL_STATES, timeout_s=120) == "COMPLETED"
     finally:
         worker.stop()
     result = json.loads((served["storage"] / "killed-1" / "result.json").read_text())

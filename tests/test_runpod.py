@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from tests.emulators.llm import Script
 from tests.emulators.runpod import REPO, RUNPOD_KEY, RunPodEmulator, runpod_pool_options
 from tests.emulators.server import ThreadedServer
 from tests.helpers import DONE, NOT_YET
-from tests.processes import run_cli, served_deployment, wait_state
+from tests.processes import deployment_run, run_cli, served_deployment, wait_state
 
 pytestmark = pytest.mark.cli
 FINAL = {"COMPLETED", "FAILED", "CRASHED"}
@@ -44,12 +43,10 @@ def gpu_pool(llm_server, runpod_api, tmp_path_factory):
 
 def start_run(gpu_pool, job_id: str, job_variables: dict | None = None, **params) -> str:
     body = {"seed": "Write a haiku.", "objective": "A haiku.", "job_id": job_id, **params}
-    args = ["deployment", "run", "factory/gpu-job", "--params", json.dumps(body)]
+    options = []
     for name, value in (job_variables or {}).items():
-        args += ["--job-variable", f"{name}={json.dumps(value)}"]
-    run = run_cli(args, gpu_pool["env"])
-    assert run.returncode == 0, run.stdout + run.stderr
-    return re.search(r"UUID: ([0-9a-f-]{36})", run.stdout).group(1)
+        options += ["--job-variable", f"{name}={json.dumps(value)}"]
+    return deployment_run(gpu_pool["env"], body, *options, deployment="factory/gpu-job")
 
 
 def read_state(gpu_pool, flow_run_id: str) -> dict:
